@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make reproduce`.
+# Each creates .venv if missing and installs the package (pinned by constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Stamps are re-made whenever the package metadata or the pins change.
+STAMP_BASE := $(VENV)/.installed-base
+STAMP_DEV  := $(VENV)/.installed-dev
+
+.PHONY: test reproduce reproduce-full install install-dev benchmark clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP_BASE): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+$(STAMP_DEV): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@ $(STAMP_BASE)
+
+install: $(STAMP_BASE)
+install-dev: $(STAMP_DEV)
+
+# The whole test suite. pytest exits non-zero on any failure, error or
+# collection error, and on "no tests collected" (exit 5), so CI fails loudly.
+test: $(STAMP_DEV)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The main job: the quick Hinton MNIST profile (teacher, hard-label student, distilled student).
+reproduce: $(STAMP_BASE)
+	$(PY) -m distill_jax reproduce --config experiments/hinton_mnist_quick.py $(ARGS)
+
+benchmark: $(STAMP_BASE)
+	$(PY) benchmarks/distill_step.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
