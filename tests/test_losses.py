@@ -1,0 +1,517 @@
+"""Property and golden tests for distill_jax.losses.
+
+Every loss is checked against an independent float64 numpy implementation of
+its formula (written here from the papers, not from the library code).
+"""
+
+from functools import partial
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distill_jax import losses as L
+
+settings.register_profile("distill", max_examples=25, deadline=None, derandomize=True)
+settings.load_profile("distill")
+
+
+# ---------------------------------------------------------------- numpy refs
+
+
+def np_softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_kl(p, q):
+    p = np.asarray(p, np.float64)
+    q = np.asarray(q, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(q)), 0.0)
+    return terms.sum(-1)
+
+
+def np_forward_kl(s, t, T=1.0):
+    return np_kl(np_softmax(np.asarray(t) / T), np_softmax(np.asarray(s) / T))
+
+
+def np_reverse_kl(s, t, T=1.0):
+    return np_kl(np_softmax(np.asarray(s) / T), np_softmax(np.asarray(t) / T))
+
+
+def np_gjsd(s, t, beta, T=1.0):
+    p = np_softmax(np.asarray(t) / T)
+    q = np_softmax(np.asarray(s) / T)
+    m = beta * p + (1 - beta) * q
+    return beta * np_kl(p, m) + (1 - beta) * np_kl(q, m)
+
+
+def np_logit_mse(s, t, zero_mean=False):
+    s = np.asarray(s, np.float64)
+    t = np.asarray(t, np.float64)
+    if zero_mean:
+        s = s - s.mean(-1, keepdims=True)
+        t = t - t.mean(-1, keepdims=True)
+    return 0.5 * np.mean((s - t) ** 2, -1)
+
+
+def np_dkd(s, t, labels, alpha, beta, T):
+    out = []
+    for si, ti, y in zip(np.asarray(s), np.asarray(t), np.asarray(labels)):
+        p = np_softmax(ti / T)
+        q = np_softmax(si / T)
+        bp = np.array([p[y], 1 - p[y]])
+        bq = np.array([q[y], 1 - q[y]])
+        rest = np.arange(len(p)) != y
+        pn = p[rest] / p[rest].sum()
+        qn = q[rest] / q[rest].sum()
+        out.append(T**2 * (alpha * np_kl(bp, bq) + beta * np_kl(pn, qn)))
+    return np.array(out)
+
+
+def np_top_k(s, t, k, T, tail):
+    out = []
+    for si, ti in zip(np.asarray(s, np.float64), np.asarray(t, np.float64)):
+        p = np_softmax(ti / T)
+        q = np_softmax(si / T)
+        idx = np.argsort(-p, kind="stable")[:k]
+        pk, qk = p[idx], q[idx]
+        if tail == "renormalize":
+            out.append(np_kl(pk / pk.sum(), qk / qk.sum()))
+        else:
+            pt, qt = max(1 - pk.sum(), 0.0), 1 - qk.sum()
+            out.append(np_kl(np.append(pk, pt), np.append(qk, qt)))
+    return np.array(out)
+
+
+def np_attention(a, p):
+    q = (np.abs(np.asarray(a, np.float64)) ** p).mean(-1).reshape(a.shape[0], -1)
+    return q / np.linalg.norm(q, axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------- strategies
+
+
+def logit_pairs(min_classes=2, max_classes=12, scale=20.0):
+    @st.composite
+    def draw(draw_fn):
+        # A few fixed shapes: eager JAX compiles each primitive once per shape.
+        batch = draw_fn(st.sampled_from([1, 3]))
+        classes = draw_fn(st.sampled_from([c for c in (3, 4, 10) if min_classes <= c <= max_classes]))
+        elems = st.floats(-scale, scale, allow_nan=False, width=32)
+        s = draw_fn(hnp.arrays(np.float32, (batch, classes), elements=elems))
+        t = draw_fn(hnp.arrays(np.float32, (batch, classes), elements=elems))
+        return s, t
+
+    return draw()
+
+
+temperatures = st.sampled_from([0.5, 1.0, 2.0, 4.0, 20.0])
+
+# Each entry: name -> loss(s, t) for a fixed setting; used for the shared
+# properties (non-negative, zero at equality, shift invariance, finiteness).
+PAIR_LOSSES = {
+    "forward_kl": partial(L.forward_kl, temperature=2.0),
+    "reverse_kl": partial(L.reverse_kl, temperature=2.0),
+    "hinton_kd": partial(L.hinton_kd, temperature=4.0),
+    "gjsd_0.3": partial(L.generalized_jsd, beta=0.3, temperature=1.5),
+    "gjsd_0": partial(L.generalized_jsd, beta=0.0),
+    "gjsd_1": partial(L.generalized_jsd, beta=1.0),
+    "logit_mse_zero_mean": partial(L.logit_mse, zero_mean=True),
+    "decoupled_kd": lambda s, t, **kw: L.decoupled_kd(
+        s, t, jnp.zeros(jnp.shape(s)[:-1], jnp.int32), temperature=2.0, **kw
+    ),
+    "top_k_renorm": lambda s, t, **kw: L.top_k_kd(
+        s, *L.top_k_log_probs(t, 3, 2.0), temperature=2.0, tail="renormalize", **kw
+    ),
+    "top_k_bucket": lambda s, t, **kw: L.top_k_kd(
+        s, *L.top_k_log_probs(t, 3, 2.0), temperature=2.0, tail="bucket", **kw
+    ),
+}
+
+
+@pytest.fixture(params=sorted(PAIR_LOSSES))
+def pair_loss(request):
+    return PAIR_LOSSES[request.param]
+
+
+# ---------------------------------------------------------------- shared properties
+
+
+@given(logit_pairs())
+def test_non_negative(pair):
+    s, t = pair
+    for name, fn in PAIR_LOSSES.items():
+        value = np.asarray(fn(s, t))
+        assert value.shape == s.shape[:-1], name
+        assert np.all(value >= -1e-5), (name, value)
+
+
+@given(logit_pairs())
+def test_zero_when_student_equals_teacher(pair):
+    s, _ = pair
+    for name, fn in PAIR_LOSSES.items():
+        np.testing.assert_allclose(np.asarray(fn(s, s)), 0.0, atol=2e-5, err_msg=name)
+
+
+@given(logit_pairs(), st.floats(-50, 50), st.floats(-50, 50))
+def test_invariant_to_constant_shift(pair, shift_s, shift_t):
+    s, t = pair
+    for name, fn in PAIR_LOSSES.items():
+        base = np.asarray(fn(s, t))
+        shifted = np.asarray(fn(s + np.float32(shift_s), t + np.float32(shift_t)))
+        np.testing.assert_allclose(shifted, base, rtol=2e-3, atol=2e-3, err_msg=name)
+
+
+# ---------------------------------------------------------------- golden values
+
+
+@given(logit_pairs(), temperatures)
+def test_forward_reverse_hinton_match_numpy(pair, T):
+    s, t = pair
+    np.testing.assert_allclose(L.forward_kl(s, t, T), np_forward_kl(s, t, T), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(L.reverse_kl(s, t, T), np_reverse_kl(s, t, T), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        L.hinton_kd(s, t, T), T**2 * np_forward_kl(s, t, T), rtol=1e-4, atol=1e-4 * T**2
+    )
+
+
+@given(logit_pairs(), st.floats(0.01, 0.99), temperatures)
+def test_generalized_jsd_matches_numpy(pair, beta, T):
+    s, t = pair
+    np.testing.assert_allclose(
+        L.generalized_jsd(s, t, beta=beta, temperature=T), np_gjsd(s, t, beta, T), rtol=1e-3, atol=1e-5
+    )
+
+
+@given(logit_pairs(), temperatures)
+def test_generalized_jsd_endpoints_are_forward_and_reverse_kl(pair, T):
+    s, t = pair
+    np.testing.assert_array_equal(L.generalized_jsd(s, t, 0.0, T), L.forward_kl(s, t, T))
+    np.testing.assert_array_equal(L.generalized_jsd(s, t, 1.0, T), L.reverse_kl(s, t, T))
+    # Also with beta traced under jit (a scheduled beta): same values.
+    jitted = jax.jit(L.generalized_jsd)
+    np.testing.assert_allclose(jitted(s, t, 0.0, T), L.forward_kl(s, t, T), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jitted(s, t, 1.0, T), L.reverse_kl(s, t, T), rtol=1e-6, atol=1e-7)
+
+
+def test_generalized_jsd_is_symmetric_at_half():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    np.testing.assert_allclose(L.generalized_jsd(s, t, 0.5), L.generalized_jsd(t, s, 0.5), rtol=1e-5)
+    # JSD_0.5 is bounded by log 2.
+    assert np.all(np.asarray(L.generalized_jsd(10 * s, 10 * t, 0.5)) <= np.log(2) + 1e-6)
+
+
+@given(logit_pairs(), st.booleans())
+def test_logit_mse_matches_numpy(pair, zero_mean):
+    s, t = pair
+    np.testing.assert_allclose(
+        L.logit_mse(s, t, zero_mean=zero_mean), np_logit_mse(s, t, zero_mean), rtol=1e-5, atol=1e-4
+    )
+
+
+@given(logit_pairs(min_classes=3), st.floats(0.0, 2.0), st.floats(0.0, 10.0), temperatures, st.data())
+def test_decoupled_kd_matches_numpy(pair, alpha, beta, T, data):
+    s, t = pair
+    labels = np.array(
+        data.draw(st.lists(st.integers(0, s.shape[1] - 1), min_size=s.shape[0], max_size=s.shape[0]))
+    )
+    got = L.decoupled_kd(s, t, labels, alpha=alpha, beta=beta, temperature=T)
+    want = np_dkd(s, t, labels, alpha, beta, T)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * T**2)
+
+
+def test_decoupled_kd_equals_hinton_kd_decomposition():
+    # With alpha = 1 and beta = 1 - p_t(target) per example, DKD is exactly
+    # KD (Zhao et al., eq. 4): KD = TCKD + (1 - p^t_y) NCKD.
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(2, 6, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, size=6)
+    T = 2.0
+    p_target = np_softmax(t / T)[np.arange(6), labels]
+    tckd = L.decoupled_kd(s, t, labels, alpha=1.0, beta=0.0, temperature=T)
+    nckd = L.decoupled_kd(s, t, labels, alpha=0.0, beta=1.0, temperature=T)
+    np.testing.assert_allclose(tckd + (1 - p_target) * nckd, L.hinton_kd(s, t, T), rtol=1e-4)
+
+
+@given(logit_pairs(min_classes=4), st.integers(1, 4), temperatures, st.sampled_from(["renormalize", "bucket"]))
+def test_top_k_kd_matches_numpy(pair, k, T, tail):
+    s, t = pair
+    k = min(k, s.shape[1])
+    # Ties make "the" top-k ambiguous; nudge the teacher to distinct values.
+    t = t + np.arange(t.shape[1], dtype=np.float32) * 1e-3
+    values, indices = L.top_k_log_probs(t, k, T)
+    got = L.top_k_kd(s, values, indices, temperature=T, tail=tail)
+    np.testing.assert_allclose(got, np_top_k(s, t, k, T, tail), rtol=2e-3, atol=2e-4)
+
+
+@given(logit_pairs(), temperatures)
+def test_top_k_kd_with_full_vocabulary_is_forward_kl(pair, T):
+    s, t = pair
+    values, indices = L.top_k_log_probs(t, s.shape[1], T)
+    for tail in ("renormalize", "bucket"):
+        np.testing.assert_allclose(
+            L.top_k_kd(s, values, indices, T, tail=tail), L.forward_kl(s, t, T), rtol=1e-3, atol=1e-5
+        )
+
+
+def test_hint_loss_matches_numpy():
+    rng = np.random.default_rng(2)
+    u, v = rng.normal(size=(2, 3, 4, 4, 5)).astype(np.float32)
+    np.testing.assert_allclose(
+        L.hint_loss(u, v, "mse", axis=(1, 2, 3)), ((u - v) ** 2).reshape(3, -1).mean(-1), rtol=1e-5
+    )
+    uf, vf = u.reshape(3, -1).astype(np.float64), v.reshape(3, -1).astype(np.float64)
+    cos = (uf * vf).sum(-1) / np.linalg.norm(uf, axis=-1) / np.linalg.norm(vf, axis=-1)
+    np.testing.assert_allclose(L.hint_loss(u, v, "cosine", axis=(1, 2, 3)), 1 - cos, rtol=1e-4, atol=1e-6)
+    # Cosine is scale-invariant; both are zero at equality.
+    np.testing.assert_allclose(
+        L.hint_loss(3 * u, v, "cosine", axis=(1, 2, 3)), L.hint_loss(u, v, "cosine", axis=(1, 2, 3)), rtol=1e-4
+    )
+    np.testing.assert_allclose(L.hint_loss(u, u, "mse", axis=(1, 2, 3)), 0.0, atol=1e-7)
+    np.testing.assert_allclose(L.hint_loss(u, u, "cosine", axis=(1, 2, 3)), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_attention_transfer_matches_numpy(p):
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(3, 6, 6, 4)).astype(np.float32)
+    t = rng.normal(size=(3, 6, 6, 9)).astype(np.float32)  # channel counts may differ
+    want = ((np_attention(s, p) - np_attention(t, p)) ** 2).mean(-1)
+    np.testing.assert_allclose(L.attention_transfer(s, t, p), want, rtol=1e-4, atol=1e-7)
+    assert np.all(np.asarray(L.attention_transfer(s, t, p)) >= 0)
+    # The maps are normalized: a positively scaled copy transfers perfectly.
+    np.testing.assert_allclose(L.attention_transfer(2.5 * s, s, p), 0.0, atol=1e-7)
+    # NCHW input through channel_axis gives the same.
+    np.testing.assert_allclose(
+        L.attention_transfer(np.moveaxis(s, -1, 1), np.moveaxis(t, -1, 1), p, channel_axis=1), want, rtol=1e-4
+    )
+
+
+# ---------------------------------------------------------------- Hinton's gradients
+
+
+@given(logit_pairs(), temperatures)
+def test_hinton_kd_gradient_is_T_times_q_minus_p(pair, T):
+    s, t = pair
+    grad = jax.grad(lambda x: jnp.sum(L.hinton_kd(x, t, T)))(s)
+    q = np_softmax(s / T)
+    p = np_softmax(t / T)
+    np.testing.assert_allclose(grad, T * (q - p), rtol=1e-3, atol=1e-4 * T)
+
+
+@given(logit_pairs(scale=3.0))
+def test_hinton_kd_gradient_tends_to_logit_matching_at_high_T(pair):
+    s, t = pair
+    s = s - s.mean(-1, keepdims=True)
+    t = t - t.mean(-1, keepdims=True)
+    n = s.shape[-1]
+    want = (s - t) / n
+    grad_mse = jax.grad(lambda x: jnp.sum(L.logit_mse(x, t)))(s)
+    np.testing.assert_allclose(grad_mse, want, rtol=1e-5, atol=1e-6)
+    errors = []
+    for T in (10.0, 100.0, 1000.0):
+        grad = np.asarray(jax.grad(lambda x: jnp.sum(L.hinton_kd(x, t, T)))(s))
+        errors.append(np.abs(grad - want).max())
+    # The error shrinks as 1/T (Hinton eq. 3 is a first-order expansion).
+    assert errors[-1] <= 1e-3 * max(1.0, np.abs(want).max()) + 1e-5, errors
+    if errors[0] > 1e-3:
+        assert errors[-1] < errors[0] / 10, errors
+
+
+# ---------------------------------------------------------------- numerics
+
+
+ALL_LOSSES_WITH_WHERE = {
+    **PAIR_LOSSES,
+    "logit_mse": L.logit_mse,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES_WITH_WHERE))
+def test_finite_for_huge_logits(name):
+    fn = ALL_LOSSES_WITH_WHERE[name]
+    s = jnp.array([[1e4, -1e4, 0.0, 5e3], [-1e4, 1e4, 1e4, -1e4]], jnp.float32)
+    t = jnp.array([[-1e4, 1e4, 0.0, -5e3], [1e4, -1e4, -1e4, 1e4]], jnp.float32)
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, t)))(s)
+    assert np.isfinite(value), name
+    assert np.all(np.isfinite(grad)), name
+
+
+def test_huge_logits_give_the_exact_large_kl():
+    s = jnp.array([[1e4, -1e4]])
+    t = jnp.array([[-1e4, 1e4]])
+    # Teacher puts all mass on class 1, where the student has log q = -2e4.
+    np.testing.assert_allclose(L.forward_kl(s, t), [2e4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES_WITH_WHERE))
+def test_neg_inf_entries_are_masked_vocabulary(name):
+    fn = ALL_LOSSES_WITH_WHERE[name]
+    rng = np.random.default_rng(4)
+    s = rng.normal(size=(3, 6)).astype(np.float32)
+    t = rng.normal(size=(3, 6)).astype(np.float32)
+    s_masked = s.copy()
+    t_masked = t.copy()
+    s_masked[:, 4:] = -np.inf
+    t_masked[:, 4:] = -np.inf
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, t_masked)))(s_masked)
+    assert np.isfinite(value), name
+    assert np.all(np.isfinite(grad)), name
+    np.testing.assert_array_equal(np.asarray(grad)[:, 4:], 0.0)
+    # Same as dropping those classes altogether.
+    if not name.startswith("top_k"):
+        np.testing.assert_allclose(fn(s_masked, t_masked), fn(s[:, :4], t[:, :4]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES_WITH_WHERE))
+def test_fully_masked_rows_give_zero_loss_and_zero_grad(name):
+    fn = ALL_LOSSES_WITH_WHERE[name]
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=(3, 5)).astype(np.float32)
+    t = rng.normal(size=(3, 5)).astype(np.float32)
+    if name.startswith("top_k"):
+        where = np.array([True, False, True])[:, None] * np.ones((3, 3), bool)
+    else:
+        where = np.array([True, False, True])[:, None] * np.ones((3, 5), bool)
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, t, where=where)))(s)
+    per_example = np.asarray(fn(s, t, where=where))
+    assert np.isfinite(value)
+    assert per_example[1] == 0.0
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
+    # Rows that are kept are unaffected by the mask.
+    np.testing.assert_allclose(per_example[[0, 2]], np.asarray(fn(s, t))[[0, 2]], rtol=1e-6)
+
+
+def test_fully_neg_inf_rows_are_zero_and_finite():
+    s = jnp.full((2, 4), -jnp.inf).at[0].set(jnp.arange(4.0))
+    t = jnp.full((2, 4), -jnp.inf).at[0].set(jnp.arange(4.0)[::-1])
+    for name, fn in ALL_LOSSES_WITH_WHERE.items():
+        value, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, t)))(s)
+        assert np.isfinite(value), name
+        assert np.all(np.isfinite(grad)), name
+        assert float(fn(s, t)[1]) == 0.0, name
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_top_k_with_neg_inf_padding(tail):
+    # A cache for a 3-class teacher stored with k=5: two padded slots.
+    t = jnp.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
+    s = jnp.array([[0.3, 0.2, 0.1], [1.0, -1.0, 0.0]])
+    values, indices = L.top_k_log_probs(t, 5)
+    assert np.all(np.isneginf(np.asarray(values)[:, 3:]))
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(L.top_k_kd(x, values, indices, tail=tail)))(s)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(L.top_k_kd(s, values, indices, tail=tail), L.forward_kl(s, t), rtol=1e-4, atol=1e-6)
+    # All-padding rows: loss 0, gradient 0.
+    pad_values = jnp.full((2, 4), -jnp.inf)
+    pad_indices = jnp.zeros((2, 4), jnp.int32)
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(L.top_k_kd(x, pad_values, pad_indices, tail=tail)))(s)
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
+def test_bucket_teaches_the_tail_mass_renormalize_does_not():
+    # Teacher top-2 hold 60% of the mass; a student with the same ratio
+    # between those two but 99% on them is perfect under "renormalize" and
+    # penalized under "bucket".
+    values = jnp.log(jnp.array([[0.4, 0.2]]))
+    indices = jnp.array([[0, 1]])
+    student = jnp.log(jnp.array([[0.66, 0.33, 0.005, 0.005]]))
+    renorm = float(L.top_k_kd(student, values, indices, tail="renormalize")[0])
+    bucket = float(L.top_k_kd(student, values, indices, tail="bucket")[0])
+    assert abs(renorm) < 1e-5
+    want = np_kl([0.4, 0.2, 0.4], [0.66, 0.33, 0.01])
+    np.testing.assert_allclose(bucket, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_float32_output_for_any_input_dtype(dtype):
+    s = jnp.array([[1.0, 2.0, 3.0]], dtype)
+    t = jnp.array([[3.0, 2.0, 1.0]], dtype)
+    for name, fn in ALL_LOSSES_WITH_WHERE.items():
+        assert fn(s, t).dtype == jnp.float32, name
+
+
+def test_jit_and_vmap_agree_with_eager():
+    rng = np.random.default_rng(6)
+    s, t = rng.normal(size=(2, 4, 3, 7)).astype(np.float32)
+    for name, fn in ALL_LOSSES_WITH_WHERE.items():
+        eager = np.asarray(fn(s, t))
+        assert eager.shape == (4, 3), name
+        np.testing.assert_allclose(jax.jit(fn)(s, t), eager, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(jax.vmap(fn)(s, t), eager, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_class_axis_can_be_first():
+    rng = np.random.default_rng(7)
+    s, t = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    for fn in (L.forward_kl, L.reverse_kl, partial(L.hinton_kd, temperature=3.0), L.generalized_jsd, L.logit_mse):
+        np.testing.assert_allclose(fn(s.T, t.T, axis=0), fn(s, t), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_temperature_must_be_positive():
+    s = t = jnp.zeros((2, 3))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        for fn in (L.hinton_kd, L.forward_kl, L.reverse_kl):
+            with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+                fn(s, t, bad)
+        with pytest.raises(ValueError, match="temperature"):
+            L.generalized_jsd(s, t, 0.5, bad)
+        with pytest.raises(ValueError, match="temperature"):
+            L.decoupled_kd(s, t, jnp.zeros(2, jnp.int32), temperature=bad)
+        with pytest.raises(ValueError, match="temperature"):
+            L.top_k_kd(s, *L.top_k_log_probs(t, 2), temperature=bad)
+    with pytest.raises(TypeError, match="schedule"):
+        L.hinton_kd(s, t, lambda step: 1.0)
+
+
+def test_class_count_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"different class counts.*student 10.*teacher 100"):
+        L.hinton_kd(jnp.zeros((4, 10)), jnp.zeros((4, 100)), 2.0)
+    for fn in (L.forward_kl, L.reverse_kl, L.generalized_jsd, L.logit_mse):
+        with pytest.raises(ValueError, match="different class counts"):
+            fn(jnp.zeros((4, 10)), jnp.zeros((4, 11)))
+    with pytest.raises(ValueError, match="different class counts"):
+        L.decoupled_kd(jnp.zeros((4, 10)), jnp.zeros((4, 11)), jnp.zeros(4, jnp.int32))
+
+
+def test_top_k_indices_out_of_range():
+    s = jnp.zeros((2, 5))
+    values = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match=r"teacher_top_indices must lie in \[0, 5\)"):
+        L.top_k_kd(s, values, jnp.array([[0, 5], [1, 2]]))
+    with pytest.raises(ValueError, match="teacher_top_indices must lie"):
+        L.top_k_kd(s, values, jnp.array([[0, -1], [1, 2]]))
+    with pytest.raises(ValueError, match="same shape"):
+        L.top_k_kd(s, values, jnp.zeros((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match="tail must be"):
+        L.top_k_kd(s, values, jnp.zeros((2, 2), jnp.int32), tail="drop")
+
+
+def test_beta_outside_unit_interval():
+    s = t = jnp.zeros((2, 3))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\]"):
+            L.generalized_jsd(s, t, bad)
+
+
+def test_other_bad_inputs():
+    with pytest.raises(ValueError, match="labels must lie"):
+        L.decoupled_kd(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0, 3]))
+    with pytest.raises(ValueError, match="regressor"):
+        L.hint_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="kind must be"):
+        L.hint_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), kind="l1")
+    with pytest.raises(ValueError, match="spatial"):
+        L.attention_transfer(jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 5, 5, 3)))
