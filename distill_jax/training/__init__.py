@@ -1,0 +1,31 @@
+"""Training: jitted steps, scanned epochs, teacher cache, checkpoints and the run loop."""
+
+from distill_jax.training import checkpoint
+from distill_jax.training.loop import default_config, load_datasets, load_teacher, make_optimizer, run
+from distill_jax.training.steps import (
+    TrainState,
+    create_train_state,
+    epoch_indices,
+    make_evaluate,
+    make_predict,
+    make_train_epoch,
+    make_train_step,
+    to_host,
+)
+
+__all__ = [
+    "TrainState",
+    "checkpoint",
+    "create_train_state",
+    "default_config",
+    "epoch_indices",
+    "load_datasets",
+    "load_teacher",
+    "make_evaluate",
+    "make_optimizer",
+    "make_predict",
+    "make_train_epoch",
+    "make_train_step",
+    "run",
+    "to_host",
+]

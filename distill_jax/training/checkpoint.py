@@ -1,0 +1,134 @@
+"""Checkpoints with orbax-checkpoint: params, optimizer state, step, RNG and config.
+
+A checkpoint directory holds one orbax step folder per saved epoch, each with
+four items: ``params``, ``opt_state``, ``train`` (step and base RNG) and
+``meta`` (JSON: the run's config and the parameter signature). Items are
+restored separately, so a distillation run can read only a teacher's
+``params`` and ``meta``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from distill_jax.models import model_signature
+
+PyTree = Any
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by a run with another model or configuration."""
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
+    directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def latest_epoch(directory: str | os.PathLike) -> int | None:
+    """The last saved epoch in ``directory``, or None if there is none."""
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    with manager(directory) as mngr:
+        return mngr.latest_step()
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    epoch: int,
+    *,
+    params: PyTree,
+    opt_state: PyTree,
+    step: jax.Array,
+    rng: jax.Array,
+    meta: dict,
+) -> None:
+    """Saves one epoch's state and waits until it is on disk.
+
+    Waiting keeps the guarantee simple: once ``save`` returns, a crash cannot
+    lose this epoch.
+    """
+    meta = dict(meta, signature=model_signature(params), epoch=int(epoch))
+    mngr.save(
+        int(epoch),
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            train=ocp.args.StandardSave({"step": step, "rng": rng}),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+    mngr.wait_until_finished()
+
+
+def read_meta(directory: str | os.PathLike, epoch: int | None = None) -> dict:
+    """The JSON metadata (config, signature, epoch) of a checkpoint."""
+    directory = Path(directory)
+    with manager(directory) as mngr:
+        epoch = mngr.latest_step() if epoch is None else epoch
+        if epoch is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {directory.absolute()}. Train one first "
+                "(python -m distill_jax train-teacher ...) or point to a run's checkpoints/ folder."
+            )
+        return mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def check_signature(meta: dict, params_like: PyTree, directory: str | os.PathLike) -> None:
+    """Raises CheckpointMismatchError if the checkpoint's parameters differ in shape."""
+    stored = meta.get("signature", {})
+    wanted = model_signature(params_like)
+    if stored != wanted:
+        only_stored = {k: v for k, v in stored.items() if wanted.get(k) != v}
+        only_wanted = {k: v for k, v in wanted.items() if stored.get(k) != v}
+        raise CheckpointMismatchError(
+            f"checkpoint {Path(directory).absolute()} was written by another model config.\n"
+            f"  in the checkpoint: {only_stored}\n  this config expects: {only_wanted}\n"
+            f"  checkpoint model config: {meta.get('config', {}).get('model')}\n"
+            "Use the config that wrote it, or a new workdir."
+        )
+
+
+def restore_params(directory: str | os.PathLike, params_like: PyTree, epoch: int | None = None) -> PyTree:
+    """Restores only the parameters (e.g. a teacher's), checking their shapes first."""
+    meta = read_meta(directory, epoch)
+    check_signature(meta, params_like, directory)
+    with manager(directory) as mngr:
+        restored = mngr.restore(
+            meta["epoch"], args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like)))
+        )
+    return restored.params
+
+
+def restore_all(
+    directory: str | os.PathLike,
+    *,
+    params_like: PyTree,
+    opt_state_like: PyTree,
+    train_like: dict,
+    epoch: int | None = None,
+) -> tuple[dict, PyTree, PyTree, dict]:
+    """Restores ``(meta, params, opt_state, {"step", "rng"})`` for resuming."""
+    meta = read_meta(directory, epoch)
+    check_signature(meta, params_like, directory)
+    with manager(directory) as mngr:
+        restored = mngr.restore(
+            meta["epoch"],
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(params_like)),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
+                train=ocp.args.StandardRestore(_abstract(train_like)),
+            ),
+        )
+    return meta, restored.params, restored.opt_state, restored.train

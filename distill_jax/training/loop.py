@@ -1,0 +1,377 @@
+"""The run loop: config -> data -> (teacher, student) -> epochs -> metrics, checkpoints.
+
+``run(config, workdir)`` trains a teacher (no ``config.teacher.checkpoint``)
+or distills one into a student, writing into ``workdir``:
+
+  config.json      the full config of the run
+  metrics.jsonl    one JSON line per epoch (train means, test/val evaluation)
+  results.json     final evaluation and wall time
+  checkpoints/     orbax checkpoints (every ``checkpoint_every`` epochs and the last)
+
+``resume=True`` continues from the last checkpoint and ends with exactly the
+parameters an uninterrupted run would have (same seed, same device count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from distill_jax import data as data_lib
+from distill_jax import models, objectives
+from distill_jax.training import checkpoint as ckpt
+from distill_jax.training.steps import (
+    TrainState,
+    create_train_state,
+    make_evaluate,
+    make_predict,
+    make_train_epoch,
+    make_train_step,
+    to_host,
+)
+
+# Keys that may differ between a checkpoint's config and the resuming run's.
+_RESUME_MAY_CHANGE = ("checkpoint_every", "progress")
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int, num_epochs: int) -> optax.GradientTransformation:
+    """An optax optimizer with its learning-rate schedule, from ``config.optimizer``."""
+    total = max(1, steps_per_epoch * num_epochs)
+    lr = float(config["learning_rate"])
+    schedule_name = config.get("schedule", "constant")
+    warmup = int(round(config.get("warmup_epochs", 0) * steps_per_epoch))
+    if schedule_name == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif schedule_name == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup else lr,
+            peak_value=lr,
+            warmup_steps=warmup,
+            decay_steps=total,
+            end_value=lr * float(config.get("final_lr_fraction", 0.0)),
+        )
+    else:
+        raise ValueError(f"unknown schedule {schedule_name!r}; choose 'constant' or 'cosine'.")
+    name = config.get("name", "sgd")
+    weight_decay = float(config.get("weight_decay", 0.0))
+    if name == "sgd":
+        tx = optax.sgd(schedule, momentum=config.get("momentum") or None, nesterov=bool(config.get("nesterov", False)))
+        return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+    if name == "adam":
+        return optax.adam(schedule)
+    if name == "adamw":
+        return optax.adamw(schedule, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd', 'adam' or 'adamw'.")
+
+
+def _check_finite(name: str, array) -> None:
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(np.asarray(array))))
+    if bad:
+        raise ValueError(
+            f"{name} contains {bad} NaN/inf values; training on them would make every "
+            "parameter NaN. Clean the data (or the teacher checkpoint) first."
+        )
+
+
+def load_datasets(config: Mapping[str, Any]) -> dict[str, data_lib.Dataset]:
+    """Train (after the transfer-set filters), optional validation, and test splits."""
+    kwargs = {"data_dir": config.get("data_dir") or None, "manual_dir": config.get("manual_dir") or None}
+    train = data_lib.load_split(config["dataset"], "train", **kwargs)
+    test = data_lib.load_split(config["dataset"], "test", **kwargs)
+    out = {}
+    if config.get("val_size", 0):
+        # A fixed split seed: teacher and students of one study share it.
+        train, out["val"] = data_lib.train_val_split(train, int(config["val_size"]), seed=int(config.get("split_seed", 0)))
+    transfer = config.get("transfer", {}) or {}
+    num_classes = int(config["model"].get("num_classes", 10))
+    if transfer.get("drop_classes"):
+        train = data_lib.drop_classes(train, list(transfer["drop_classes"]), num_classes=num_classes)
+    if transfer.get("keep_classes"):
+        train = data_lib.keep_classes(train, list(transfer["keep_classes"]), num_classes=num_classes)
+    if transfer.get("subset"):
+        train = data_lib.take_subset(train, int(transfer["subset"]), seed=int(config.get("split_seed", 0)))
+    out["train"] = train
+    out["test"] = test
+    return out
+
+
+def teacher_checkpoint_dir(path: str | Path) -> Path:
+    """Accepts a teacher run's workdir or its ``checkpoints/`` folder."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def load_teacher(path: str | Path, student_num_classes: int):
+    """Restores a teacher from a checkpoint: ``(apply_fn, params, model_config)``."""
+    directory = teacher_checkpoint_dir(path)
+    meta = ckpt.read_meta(directory)
+    model_config = dict(meta["config"]["model"])
+    teacher_classes = int(model_config.get("num_classes", 10))
+    if teacher_classes != student_num_classes:
+        raise ValueError(
+            f"teacher at {directory} predicts {teacher_classes} classes but the student has "
+            f"{student_num_classes}; set config.model.num_classes={teacher_classes} or use a matching teacher."
+        )
+    model = models.create(model_config)
+    input_shape = tuple(meta["config"].get("input_shape", (1, 28, 28, 1)))
+    params_like = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), input_shape))
+    params = ckpt.restore_params(directory, params_like)
+    return model.apply, params, model_config
+
+
+def _config_dict(config) -> dict:
+    if isinstance(config, ml_collections.ConfigDict):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config, default=list))
+
+
+def _config_differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if not prefix and key in _RESUME_MAY_CHANGE:
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            diffs += _config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            diffs.append(f"{prefix}{key}: checkpoint {va!r} vs now {vb!r}")
+    return diffs
+
+
+def _should_cache(config: Mapping[str, Any], has_teacher: bool) -> bool:
+    setting = config.get("cache_teacher", "auto")
+    augmented = int(config.get("jitter", 0)) > 0
+    if not has_teacher:
+        return False
+    if setting == "auto":
+        return not augmented
+    if setting is True or setting == "true":
+        if augmented:
+            raise ValueError(
+                "cache_teacher=True with jitter > 0: the teacher would have to see the jittered "
+                "inputs, which a cache computed once cannot give. Set jitter=0 or cache_teacher='auto'."
+            )
+        return True
+    return False
+
+
+def _validate(config: Mapping[str, Any]) -> None:
+    for key in ("dataset", "model", "optimizer", "batch_size", "num_epochs", "objective"):
+        if key not in config:
+            raise ValueError(f"config has no {key!r}; see experiments/ for complete examples.")
+    if int(config["num_epochs"]) < 1 or int(config["batch_size"]) < 1:
+        raise ValueError("num_epochs and batch_size must be >= 1.")
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def run(
+    config,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    datasets: Mapping[str, data_lib.Dataset] | None = None,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> dict:
+    """Trains (or distills) per ``config`` in ``workdir``; returns the final results.
+
+    Args:
+      config: an ml_collections ConfigDict (or plain dict) as in experiments/.
+      workdir: the run directory (created).
+      resume: continue from the last checkpoint in ``workdir/checkpoints``.
+        Without it, a workdir that already holds a checkpoint is an error,
+        so no finished run is overwritten by accident.
+      datasets: optional ``{"train", "test"[, "val"]}`` to use instead of TFDS.
+      progress: show a tqdm bar per run.
+      stop_after_epochs: stop (with a checkpoint) after this many epochs of
+        this call, as if interrupted; for tests and for budgeted sessions.
+    """
+    _validate(config)
+    config_dict = _config_dict(config)
+    workdir = Path(workdir)
+    checkpoint_dir = workdir / "checkpoints"
+    existing = ckpt.latest_epoch(checkpoint_dir)
+    if existing is not None and not resume:
+        raise FileExistsError(
+            f"{workdir} already holds a checkpoint (epoch {existing}). Pass --resume to continue "
+            "it, or choose another --workdir."
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # Data.
+    splits = dict(datasets) if datasets is not None else load_datasets(config_dict)
+    train = splits["train"]
+    _check_finite("the training images", train.images)
+    train_data = {"image": train.images, "label": jnp.asarray(train.labels, jnp.int32)}
+    num_train = int(train.labels.shape[0])
+    batch_size = int(config_dict["batch_size"])
+    steps_per_epoch = num_train // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has {num_train} examples, fewer than batch_size={batch_size}.")
+    num_epochs = int(config_dict["num_epochs"])
+
+    # Student.
+    model_config = dict(config_dict["model"])
+    num_classes = int(model_config.get("num_classes", 10))
+    student = models.create(model_config)
+    input_shape = (1,) + tuple(train.images.shape[1:])
+    config_dict["input_shape"] = list(input_shape)
+    seed = int(config_dict.get("seed", 0))
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = models.init_params(student, init_key, input_shape)
+    tx = make_optimizer(config_dict["optimizer"], steps_per_epoch, num_epochs)
+    objective = objectives.from_spec(config_dict["objective"])
+
+    # Teacher.
+    teacher_path = (config_dict.get("teacher") or {}).get("checkpoint") or ""
+    teacher_apply, teacher_params = None, None
+    if teacher_path:
+        teacher_apply, teacher_params, _ = load_teacher(teacher_path, num_classes)
+    needs_teacher = any(
+        spec.get("loss", "cross_entropy") != "cross_entropy" for spec in config_dict["objective"].values()
+    )
+    if needs_teacher and teacher_apply is None:
+        raise ValueError(
+            "the objective has a distillation term but config.teacher.checkpoint is empty; "
+            "point it at a teacher run (e.g. --config.teacher.checkpoint=runs/teacher)."
+        )
+    # Evaluate the objective once on tiny concrete arrays: a bad temperature or
+    # beta fails here, before any training.
+    probe = jnp.zeros((2, num_classes))
+    objective(probe, probe if needs_teacher else None, {"label": jnp.zeros(2, jnp.int32)}, step=0)
+
+    if _should_cache(config_dict, teacher_apply is not None):
+        teacher_logits = make_predict(teacher_apply, batch_size=1000)(teacher_params, train.images)
+        _check_finite("the teacher's logits on the transfer set", teacher_logits)
+        train_data["teacher_logits"] = teacher_logits
+    step = make_train_step(
+        student.apply,
+        tx,
+        objective,
+        teacher_apply=teacher_apply,
+        jitter_max_shift=int(config_dict.get("jitter", 0)),
+        max_norm=model_config.get("max_norm"),
+    )
+    train_epoch = make_train_epoch(step, batch_size=batch_size)
+    evaluate = make_evaluate(student.apply, num_classes=num_classes, batch_size=int(config_dict.get("eval_batch_size", 1000)))
+
+    state = create_train_state(params, tx, state_key)
+    start_epoch = 0
+    metrics_path = workdir / "metrics.jsonl"
+    if existing is not None:
+        meta, params, opt_state, train_state = ckpt.restore_all(
+            checkpoint_dir, params_like=state.params, opt_state_like=state.opt_state,
+            train_like={"step": state.step, "rng": state.rng},
+        )
+        diffs = _config_differences(meta.get("config", {}), config_dict)
+        if diffs:
+            raise ckpt.CheckpointMismatchError(
+                f"cannot resume {workdir}: its checkpoint was written with another config:\n  "
+                + "\n  ".join(diffs)
+                + "\nResume with the original config, or start a new --workdir."
+            )
+        state = TrainState(train_state["step"], params, opt_state, train_state["rng"])
+        start_epoch = int(meta["epoch"])
+        _truncate_metrics(metrics_path, start_epoch)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+
+    eval_splits = {name: splits[name] for name in ("val", "test") if name in splits}
+    end_epoch = num_epochs if stop_after_epochs is None else min(num_epochs, start_epoch + stop_after_epochs)
+    last_eval: dict = {}
+    started = time.perf_counter()
+    with ckpt.manager(checkpoint_dir) as mngr, tqdm(
+        total=num_epochs, initial=start_epoch, desc=workdir.name, unit="epoch",
+        disable=not (progress and config_dict.get("progress", True)), leave=False,
+    ) as bar:
+        for epoch in range(start_epoch, end_epoch):
+            t0 = time.perf_counter()
+            state, train_metrics = train_epoch(state, teacher_params, train_data, jnp.asarray(epoch, jnp.int32))
+            train_metrics = to_host(train_metrics)
+            epoch_time = time.perf_counter() - t0
+            last_eval = {name: to_host(evaluate(state.params, ds.images, ds.labels)) for name, ds in eval_splits.items()}
+            if any(not math.isfinite(v) for v in train_metrics.values()):
+                raise FloatingPointError(
+                    f"epoch {epoch + 1}: training metrics are not finite ({train_metrics}); "
+                    "lower the learning rate or check the data."
+                )
+            record = {"epoch": epoch + 1, "step": int(state.step), "epoch_time_s": round(epoch_time, 3),
+                      "train": train_metrics, **last_eval}
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            postfix = {"loss": f"{train_metrics['loss']:.4f}", "acc": f"{train_metrics['accuracy']:.4f}"}
+            if "test" in last_eval:
+                postfix["test_err"] = last_eval["test"]["errors"]
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if (epoch + 1) % int(config_dict.get("checkpoint_every", 1)) == 0 or epoch + 1 in (num_epochs, end_epoch):
+                ckpt.save(mngr, epoch + 1, params=state.params, opt_state=state.opt_state,
+                          step=state.step, rng=state.rng, meta={"config": config_dict})
+    finished = end_epoch == num_epochs
+    if not last_eval:  # resumed a finished run: evaluate again
+        last_eval = {name: to_host(evaluate(state.params, ds.images, ds.labels)) for name, ds in eval_splits.items()}
+    results = {
+        "finished": finished,
+        "epochs": end_epoch,
+        "num_train": num_train,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "teacher_cached": "teacher_logits" in train_data,
+        **last_eval,
+    }
+    if finished:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    results["params"] = state.params
+    return results
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drops metric lines past the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key ``run`` reads, with defaults; experiments override a few."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "mnist"
+    c.data_dir = ""
+    c.manual_dir = ""
+    c.seed = 0
+    c.split_seed = 0
+    c.val_size = 0
+    c.transfer = ml_collections.ConfigDict({"drop_classes": (), "keep_classes": (), "subset": 0})
+    c.model = ml_collections.ConfigDict(
+        {"name": "mlp", "hidden": (800, 800), "num_classes": 10, "input_dropout": 0.0, "hidden_dropout": 0.0, "max_norm": 0.0}
+    )
+    c.jitter = 0
+    c.optimizer = ml_collections.ConfigDict(
+        {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True, "schedule": "cosine",
+         "warmup_epochs": 0.0, "final_lr_fraction": 0.0, "weight_decay": 0.0}
+    )
+    c.batch_size = 128
+    c.num_epochs = 10
+    c.eval_batch_size = 1000
+    c.objective = ml_collections.ConfigDict({"hard": {"loss": "cross_entropy", "weight": 1.0}})
+    c.teacher = ml_collections.ConfigDict({"checkpoint": ""})
+    c.cache_teacher = "auto"
+    c.checkpoint_every = 1
+    return c
