@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -109,6 +108,8 @@ def isolated_env(monkeypatch, tmp_path):
 
     # The one place TFDS touches the network for these builders.
     monkeypatch.setattr(tfds.download.DownloadManager, "_download", no_network, raising=True)
+    # Let the fast reachability probe pass, so TFDS's own download path runs.
+    monkeypatch.setattr(tfds_loading, "_download_blocker", lambda builder: None)
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
     return {"data_dir": data_dir, "shared": missing_shared, "attempts": attempts}
@@ -146,7 +147,7 @@ def test_missing_dependency_is_named(monkeypatch, isolated_env):
     assert isolated_env["attempts"] == []
 
 
-def test_missing_data_names_every_place(monkeypatch, isolated_env, tmp_path):
+def test_missing_data_names_every_place(monkeypatch, isolated_env, tmp_path, caplog):
     empty_env = tmp_path / "empty_manual"
     empty_env.mkdir()
     monkeypatch.setenv(data.MANUAL_DIR_ENV, str(empty_env))
@@ -174,6 +175,37 @@ def test_missing_data_names_every_place(monkeypatch, isolated_env, tmp_path):
     assert "ConnectionError" in msg  # the wrapped download failure
     assert isolated_env["attempts"], "the online download should have been tried once no local source existed"
     assert elapsed < 30
+    # Folders the user named explicitly but that were unusable are also logged.
+    assert f"Ignoring manual_dir argument {arg_dir}" in caplog.text
+    assert f"Ignoring ${data.MANUAL_DIR_ENV} {empty_env}" in caplog.text
+
+
+def test_unreachable_hosts_fail_fast_without_tfds_download(monkeypatch, isolated_env):
+    monkeypatch.setattr(
+        tfds_loading, "_download_blocker", lambda builder: "not attempted: cannot connect to example:443"
+    )
+    with pytest.raises(data.DatasetNotFoundError, match="online download: not attempted"):
+        data.prepare("fashion_mnist", data_dir=isolated_env["data_dir"])
+    assert isolated_env["attempts"] == []
+
+
+def test_download_probe(monkeypatch):
+    class FakeBuilder:
+        url_infos = {"https://a.example/x.gz": None, "https://a.example/y.gz": None, "http://b.example/z": None}
+
+    tried = []
+
+    def refuse(address, timeout):
+        tried.append(address)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(tfds_loading.socket, "create_connection", refuse)
+    monkeypatch.setattr(tfds_loading.urllib.request, "getproxies", lambda: {})
+    assert "cannot connect to a.example:443" in tfds_loading._download_blocker(FakeBuilder())
+    assert tried == [("a.example", 443)]
+    # Behind a proxy a direct connection proves nothing: let TFDS try.
+    monkeypatch.setattr(tfds_loading.urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+    assert tfds_loading._download_blocker(FakeBuilder()) is None
 
 
 def test_wrong_dataset_files_are_rejected_by_size(shared_dirs, isolated_env):
@@ -269,7 +301,8 @@ def test_fashion_then_mnist_gives_mnist(prepared_data_dir, shared_dirs, split):
     """Trap 1: in a dir where fashion_mnist was prepared first, mnist is still MNIST."""
     mnist = data.load_split("mnist", split, data_dir=prepared_data_dir)
     got = content(to_uint8(mnist.images), mnist.labels)
-    assert got == content(*idx_split(shared_dirs["mnist"], split))
+    want = content(*idx_split(shared_dirs["mnist"], split))
+    assert got == want, f"{sum((got - want).values())} mnist examples are not in the MNIST IDX file"
     fashion = data.load_split("fashion_mnist", split, data_dir=prepared_data_dir)
     assert content(to_uint8(fashion.images), fashion.labels) == content(
         *idx_split(shared_dirs["fashion_mnist"], split)

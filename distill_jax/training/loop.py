@@ -114,13 +114,17 @@ def teacher_checkpoint_dir(path: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def load_teacher(path: str | Path, student_num_classes: int):
-    """Restores a teacher from a checkpoint: ``(apply_fn, params, model_config)``."""
+def load_teacher(path: str | Path, student_num_classes: int | None = None):
+    """Restores a model from a checkpoint: ``(apply_fn, params, model_config)``.
+
+    With ``student_num_classes``, a teacher predicting another number of
+    classes is an error raised before anything is trained.
+    """
     directory = teacher_checkpoint_dir(path)
     meta = ckpt.read_meta(directory)
     model_config = dict(meta["config"]["model"])
     teacher_classes = int(model_config.get("num_classes", 10))
-    if teacher_classes != student_num_classes:
+    if student_num_classes is not None and teacher_classes != student_num_classes:
         raise ValueError(
             f"teacher at {directory} predicts {teacher_classes} classes but the student has "
             f"{student_num_classes}; set config.model.num_classes={teacher_classes} or use a matching teacher."
@@ -152,20 +156,20 @@ def _config_differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
 
 
 def _should_cache(config: Mapping[str, Any], has_teacher: bool) -> bool:
-    setting = config.get("cache_teacher", "auto")
+    """Whether to compute the teacher's logits once: ``cache_teacher`` is auto/true/false."""
+    setting = str(config.get("cache_teacher", "auto")).lower()
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"cache_teacher must be 'auto', 'true' or 'false', got {setting!r}.")
     augmented = int(config.get("jitter", 0)) > 0
-    if not has_teacher:
+    if not has_teacher or setting == "false":
         return False
-    if setting == "auto":
-        return not augmented
-    if setting is True or setting == "true":
-        if augmented:
-            raise ValueError(
-                "cache_teacher=True with jitter > 0: the teacher would have to see the jittered "
-                "inputs, which a cache computed once cannot give. Set jitter=0 or cache_teacher='auto'."
-            )
-        return True
-    return False
+    if setting == "true" and augmented:
+        raise ValueError(
+            "cache_teacher=true with jitter > 0: the teacher would have to see the jittered "
+            "inputs, which a cache computed once cannot give. Set jitter=0 or cache_teacher='auto'."
+        )
+    # "auto": valid whenever the teacher's input is fixed.
+    return not augmented
 
 
 def _validate(config: Mapping[str, Any]) -> None:

@@ -1,0 +1,108 @@
+"""Command line: ``python -m distill_jax <command> --config=experiments/x.py [--config.key=value ...]``.
+
+Commands:
+  train-teacher  train a model on hard labels (a config without a teacher)
+  distill        distill a teacher checkpoint into a student
+  evaluate       evaluate a checkpoint on a dataset split
+  reproduce      run a multi-stage study (e.g. experiments/hinton_mnist_quick.py)
+
+Every config value can be overridden, e.g.
+``--config.num_epochs=3 --config.model.hidden='(300,300)'``.
+Multi-host: ``--coordinator_address=host:port --num_processes=N --process_id=i``
+(or the environment JAX reads on TPU pods / SLURM) initialize jax.distributed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce")
+
+
+def _flags(argv: list[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "experiment config file (get_config()).", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "run directory (config, metrics, checkpoints).", flag_values=fv)
+    flags.DEFINE_bool("resume", False, "continue from the last checkpoint in --workdir.", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show tqdm progress bars.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "evaluate: a run directory or checkpoints folder.", flag_values=fv)
+    flags.DEFINE_string("dataset", "mnist", "evaluate: dataset name.", flag_values=fv)
+    flags.DEFINE_string("split", "test", "evaluate: TFDS split.", flag_values=fv)
+    flags.DEFINE_string("runs", "runs", "reproduce: root folder for the stages' run directories.", flag_values=fv)
+    flags.DEFINE_string("results", "results", "reproduce: folder for the tables.", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "multi-host: coordinator host:port.", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's id.", flag_values=fv)
+    fv(argv)
+    return fv
+
+
+def _usage() -> str:
+    return __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(_usage(), file=sys.stderr)
+        return 2
+    command = argv[1]
+    fv = _flags([argv[0]] + argv[2:])
+
+    if fv.coordinator_address or fv.num_processes:
+        import jax
+
+        jax.distributed.initialize(
+            coordinator_address=fv.coordinator_address, num_processes=fv.num_processes, process_id=fv.process_id
+        )
+
+    from distill_jax import training
+
+    if command == "evaluate":
+        return _evaluate(fv)
+    if fv.config is None:
+        print(f"{command}: --config=experiments/<file>.py is required.", file=sys.stderr)
+        return 2
+    config = fv.config
+    if command == "reproduce":
+        from distill_jax import studies
+
+        studies.run_study(config, runs_root=Path(fv.runs), results_dir=Path(fv.results), progress=fv.progress)
+        return 0
+    if fv.workdir is None:
+        print(f"{command}: --workdir is required.", file=sys.stderr)
+        return 2
+    has_teacher = bool(config.get("teacher", {}).get("checkpoint", ""))
+    if command == "train-teacher" and has_teacher:
+        print("train-teacher: the config names a teacher checkpoint; use `distill`.", file=sys.stderr)
+        return 2
+    if command == "distill" and not has_teacher:
+        print("distill: set --config.teacher.checkpoint=<teacher run dir>.", file=sys.stderr)
+        return 2
+    results = training.run(config, fv.workdir, resume=fv.resume, progress=fv.progress)
+    results.pop("params", None)
+    print(json.dumps({k: results[k] for k in ("epochs", "wall_time_s")} | {"test_errors": results["test"]["errors"]}))
+    return 0
+
+
+def _evaluate(fv) -> int:
+    from distill_jax import data as data_lib
+    from distill_jax.training import load_teacher, make_evaluate, to_host
+
+    if not fv.checkpoint:
+        print("evaluate: --checkpoint=<run dir> is required.", file=sys.stderr)
+        return 2
+    apply_fn, params, model_config = load_teacher(fv.checkpoint)
+    ds = data_lib.load_split(fv.dataset, fv.split)
+    evaluate = make_evaluate(apply_fn, num_classes=int(model_config.get("num_classes", 10)))
+    print(json.dumps(to_host(evaluate(params, ds.images, ds.labels))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

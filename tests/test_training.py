@@ -1,0 +1,164 @@
+"""End-to-end tests of the training pipeline on small slices of real MNIST."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill_jax import data as data_lib
+from distill_jax import models, recipes, training
+from distill_jax.training import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_mnist():
+    train = data_lib.load_split("mnist", "train")
+    test = data_lib.load_split("mnist", "test")
+    return {
+        "train": data_lib.take_subset(train, 2000, seed=0),
+        "test": data_lib.Dataset(test.images[:1000], test.labels[:1000]),
+    }
+
+
+def _teacher_config(epochs=3):
+    c = recipes.hinton_teacher(epochs)
+    c.model.hidden = (128, 128)
+    c.batch_size = 50
+    return c
+
+
+def _student_config(teacher_dir, epochs=3, **kwargs):
+    c = recipes.hinton_student(epochs, temperature=4.0, teacher_checkpoint=str(teacher_dir), **kwargs)
+    c.model.hidden = (64, 64)
+    c.batch_size = 50
+    return c
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, small_mnist):
+    workdir = tmp_path_factory.mktemp("teacher")
+    results = training.run(_teacher_config(), workdir, datasets=small_mnist, progress=False)
+    assert results["test"]["accuracy"] > 0.8, results["test"]
+    return workdir
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_run_writes_config_metrics_results_and_checkpoints(teacher_dir):
+    config = json.loads((teacher_dir / "config.json").read_text())
+    assert config["model"]["hidden"] == [128, 128]
+    lines = [json.loads(line) for line in (teacher_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert {"loss", "accuracy", "hard"} <= set(lines[0]["train"])
+    assert lines[-1]["test"]["count"] == 1000
+    results = json.loads((teacher_dir / "results.json").read_text())
+    assert results["finished"] and results["epochs"] == 3
+    assert ckpt.latest_epoch(teacher_dir / "checkpoints") == 3
+    # Error counts agree with accuracy and with the per-class breakdown.
+    test = results["test"]
+    assert test["errors"] == sum(test["errors_per_class"])
+    assert test["errors"] == round((1 - test["accuracy"]) * 1000)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "distill_in_loop"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, small_mnist, teacher_dir, kind):
+    if kind == "teacher":
+        config = _teacher_config(epochs=4)  # dropout + jitter + max-norm: every RNG stream
+    else:
+        config = _student_config(teacher_dir, epochs=4)
+        config.jitter = 2  # the teacher must run in the loop on jittered inputs
+    full = training.run(config, tmp_path / "full", datasets=small_mnist, progress=False)
+    part = training.run(config, tmp_path / "part", datasets=small_mnist, progress=False, stop_after_epochs=2)
+    assert not part["finished"] and part["epochs"] == 2
+    assert not (tmp_path / "part" / "results.json").exists()
+    resumed = training.run(config, tmp_path / "part", datasets=small_mnist, progress=False, resume=True)
+    assert resumed["finished"] and resumed["epochs"] == 4
+    assert _leaves_equal(full["params"], resumed["params"])
+    assert full["test"] == resumed["test"]
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    resumed_lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "epoch_time_s"} for x in lines]
+    assert strip(full_lines) == strip(resumed_lines)
+
+
+def test_teacher_cache_matches_teacher_in_the_loop(tmp_path, small_mnist, teacher_dir):
+    cached_config = _student_config(teacher_dir, epochs=2)
+    loop_config = _student_config(teacher_dir, epochs=2)
+    loop_config.cache_teacher = "false"
+    cached = training.run(cached_config, tmp_path / "cached", datasets=small_mnist, progress=False)
+    in_loop = training.run(loop_config, tmp_path / "loop", datasets=small_mnist, progress=False)
+    assert cached["teacher_cached"] and not in_loop["teacher_cached"]
+    for a, b in zip(jax.tree_util.tree_leaves(cached["params"]), jax.tree_util.tree_leaves(in_loop["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert abs(cached["test"]["errors"] - in_loop["test"]["errors"]) <= 2
+
+
+def test_cache_with_jitter_is_refused(tmp_path, small_mnist, teacher_dir):
+    config = _student_config(teacher_dir)
+    config.jitter = 2
+    config.cache_teacher = "true"
+    with pytest.raises(ValueError, match="cache_teacher=true with jitter"):
+        training.run(config, tmp_path / "x", datasets=small_mnist, progress=False)
+
+
+def test_distillation_learns_from_the_teacher(tmp_path, small_mnist, teacher_dir):
+    results = training.run(_student_config(teacher_dir, epochs=3), tmp_path / "s", datasets=small_mnist, progress=False)
+    assert results["test"]["accuracy"] > 0.8, results["test"]
+    lines = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["train"]["soft"] < lines[0]["train"]["soft"]
+
+
+def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, small_mnist, teacher_dir):
+    config = _teacher_config(epochs=2)
+    training.run(config, tmp_path / "run", datasets=small_mnist, progress=False, stop_after_epochs=1)
+    other = _teacher_config(epochs=2)
+    other.model.hidden = (32, 32)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="another model config"):
+        training.run(other, tmp_path / "run", datasets=small_mnist, progress=False, resume=True)
+    changed = _teacher_config(epochs=2)
+    changed.optimizer.learning_rate = 0.5
+    with pytest.raises(ckpt.CheckpointMismatchError, match="optimizer.learning_rate"):
+        training.run(changed, tmp_path / "run", datasets=small_mnist, progress=False, resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        training.run(config, tmp_path / "run", datasets=small_mnist, progress=False)
+
+
+def test_bad_inputs_fail_before_training(tmp_path, small_mnist, teacher_dir):
+    bad_temperature = _student_config(teacher_dir)
+    bad_temperature.objective.soft.temperature = 0.0
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        training.run(bad_temperature, tmp_path / "a", datasets=small_mnist, progress=False)
+    assert ckpt.latest_epoch(tmp_path / "a" / "checkpoints") is None
+
+    wrong_classes = _student_config(teacher_dir)
+    wrong_classes.model.num_classes = 5
+    with pytest.raises(ValueError, match="predicts 10 classes but the student has 5"):
+        training.run(wrong_classes, tmp_path / "b", datasets=small_mnist, progress=False)
+
+    no_teacher = _student_config("")
+    with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
+        training.run(no_teacher, tmp_path / "c", datasets=small_mnist, progress=False)
+
+    missing = _student_config(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        training.run(missing, tmp_path / "d", datasets=small_mnist, progress=False)
+
+    images = np.array(small_mnist["train"].images)
+    images[3, 10, 10, 0] = np.nan
+    nan_data = dict(small_mnist, train=data_lib.Dataset(jnp.asarray(images), small_mnist["train"].labels))
+    with pytest.raises(ValueError, match="NaN"):
+        training.run(_teacher_config(), tmp_path / "e", datasets=nan_data, progress=False)
+
+
+def test_max_norm_constraint_holds_after_training(teacher_dir):
+    apply_fn, params, model_config = training.load_teacher(teacher_dir)
+    assert model_config["max_norm"] == pytest.approx(3.5)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if path[-1].key == "kernel":
+            assert float(jnp.linalg.norm(leaf, axis=0).max()) <= 3.5 + 1e-4
