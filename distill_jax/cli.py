@@ -26,7 +26,10 @@ COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce")
 
 def _flags(argv: list[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "experiment config file (get_config()).", flag_values=fv)
+    # sys_argv: config_flags reads --config.* overrides from it (default: sys.argv).
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file (get_config()).", flag_values=fv, sys_argv=argv
+    )
     flags.DEFINE_string("workdir", None, "run directory (config, metrics, checkpoints).", flag_values=fv)
     flags.DEFINE_bool("resume", False, "continue from the last checkpoint in --workdir.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show tqdm progress bars.", flag_values=fv)

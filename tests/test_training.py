@@ -28,6 +28,7 @@ def _teacher_config(epochs=3):
     c = recipes.hinton_teacher(epochs)
     c.model.hidden = (128, 128)
     c.batch_size = 50
+    c.optimizer.learning_rate = 3e-3  # few steps here: a faster rate than the recipe's
     return c
 
 
@@ -35,6 +36,7 @@ def _student_config(teacher_dir, epochs=3, **kwargs):
     c = recipes.hinton_student(epochs, temperature=4.0, teacher_checkpoint=str(teacher_dir), **kwargs)
     c.model.hidden = (64, 64)
     c.batch_size = 50
+    c.optimizer.learning_rate = 3e-3
     return c
 
 
@@ -108,8 +110,11 @@ def test_cache_with_jitter_is_refused(tmp_path, small_mnist, teacher_dir):
 
 
 def test_distillation_learns_from_the_teacher(tmp_path, small_mnist, teacher_dir):
-    results = training.run(_student_config(teacher_dir, epochs=3), tmp_path / "s", datasets=small_mnist, progress=False)
-    assert results["test"]["accuracy"] > 0.8, results["test"]
+    results = training.run(_student_config(teacher_dir, epochs=6), tmp_path / "s", datasets=small_mnist, progress=False)
+    teacher = json.loads((teacher_dir / "results.json").read_text())["test"]
+    # A student 1/4 the width, trained on 2,000 images only through the
+    # teacher's soft targets, gets within 10 points of it (chance is 10%).
+    assert results["test"]["accuracy"] > max(0.7, teacher["accuracy"] - 0.1), (results["test"], teacher)
     lines = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["train"]["soft"] < lines[0]["train"]["soft"]
 
