@@ -6,6 +6,7 @@ Modules:
   data        TFDS loading (offline from IDX files), transfer sets, augmentation
   models      Flax teachers and students
   training    jitted steps, scanned epochs, teacher cache, checkpoints, the run loop
+  sharding    device meshes, partition rules, sharded data and epochs (docs/sharding.md)
 """
 
 __version__ = "0.1.0"

@@ -9,12 +9,16 @@ Commands:
 Every config value can be overridden, e.g.
 ``--config.num_epochs=3 --config.model.hidden='(300,300)'``.
 Multi-host: ``--coordinator_address=host:port --num_processes=N --process_id=i``
-(or the environment JAX reads on TPU pods / SLURM) initialize jax.distributed.
+initialize jax.distributed; with no flags, ``DISTILL_JAX_DISTRIBUTED=1`` calls
+``jax.distributed.initialize()`` without arguments, so JAX detects the cluster
+itself (Cloud TPU pod slices, SLURM, Open MPI, ...). Sharding: ``--config.mesh``,
+``--config.teacher_partition``, ``--config.student_partition`` (docs/sharding.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +53,39 @@ def _usage() -> str:
     return __doc__
 
 
+DISTRIBUTED_ENV = "DISTILL_JAX_DISTRIBUTED"
+
+
+def _distributed_is_initialized() -> bool:
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.client is not None
+    except (ImportError, AttributeError):  # private API moved: assume not
+        return False
+
+
+def _init_distributed(fv: flags.FlagValues) -> bool:
+    """Starts jax.distributed from the flags, or (``DISTILL_JAX_DISTRIBUTED=1``) from the environment.
+
+    Must run before anything touches a device. Returns whether it started.
+    """
+    from_env = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
+    if not (fv.coordinator_address or fv.num_processes or fv.process_id is not None or from_env):
+        return False
+    import jax
+
+    if _distributed_is_initialized():
+        return True
+    if fv.coordinator_address or fv.num_processes or fv.process_id is not None:
+        jax.distributed.initialize(
+            coordinator_address=fv.coordinator_address, num_processes=fv.num_processes, process_id=fv.process_id
+        )
+    else:  # JAX's own cluster detection (TPU pod slices, SLURM, Open MPI, ...)
+        jax.distributed.initialize()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -57,12 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[1]
     fv = _flags([argv[0]] + argv[2:])
 
-    if fv.coordinator_address or fv.num_processes:
-        import jax
-
-        jax.distributed.initialize(
-            coordinator_address=fv.coordinator_address, num_processes=fv.num_processes, process_id=fv.process_id
-        )
+    _init_distributed(fv)
 
     from distill_jax import training
 
@@ -89,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = training.run(config, fv.workdir, resume=fv.resume, progress=fv.progress)
     results.pop("params", None)
-    print(json.dumps({k: results[k] for k in ("epochs", "wall_time_s")} | {"test_errors": results["test"]["errors"]}))
+    import jax
+
+    if jax.process_index() == 0:  # one line per run, not one per process
+        print(json.dumps({k: results[k] for k in ("epochs", "wall_time_s")} | {"test_errors": results["test"]["errors"]}))
     return 0
 
 

@@ -25,8 +25,27 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint was written by a run with another model or configuration."""
 
 
-def _abstract(tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+def _abstract(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
+    """Restore targets: shape, dtype and the sharding each array should land with.
+
+    ``shardings`` (a pytree of ``jax.sharding.Sharding`` matching ``tree``)
+    overrides the leaves' own; a leaf with neither (e.g. from
+    ``jax.eval_shape``) goes to this process's first device. The layout the
+    checkpoint was written with never matters: a checkpoint from 8 devices
+    (or 2 processes) restores onto 1 device, and one from 1 device onto a
+    mesh of 8, each array split as the new layout wants.
+    """
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(leaf, sharding=None):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):  # Python scalars
+            return ocp.utils.to_shape_dtype_struct(leaf)
+        sharding = sharding if sharding is not None else getattr(leaf, "sharding", None)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding if sharding is not None else default)
+
+    if shardings is None:
+        return jax.tree_util.tree_map(target, tree)
+    return jax.tree_util.tree_map(target, tree, shardings)
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
@@ -100,13 +119,20 @@ def check_signature(meta: dict, params_like: PyTree, directory: str | os.PathLik
         )
 
 
-def restore_params(directory: str | os.PathLike, params_like: PyTree, epoch: int | None = None) -> PyTree:
-    """Restores only the parameters (e.g. a teacher's), checking their shapes first."""
+def restore_params(
+    directory: str | os.PathLike, params_like: PyTree, epoch: int | None = None, *, shardings: PyTree | None = None
+) -> PyTree:
+    """Restores only the parameters (e.g. a teacher's), checking their shapes first.
+
+    ``shardings``: where the arrays should land (default: ``params_like``'s
+    shardings, or this process's first device).
+    """
     meta = read_meta(directory, epoch)
     check_signature(meta, params_like, directory)
     with manager(directory) as mngr:
         restored = mngr.restore(
-            meta["epoch"], args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like)))
+            meta["epoch"],
+            args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like, shardings))),
         )
     return restored.params
 
@@ -118,17 +144,24 @@ def restore_all(
     opt_state_like: PyTree,
     train_like: dict,
     epoch: int | None = None,
+    shardings: dict | None = None,
 ) -> tuple[dict, PyTree, PyTree, dict]:
-    """Restores ``(meta, params, opt_state, {"step", "rng"})`` for resuming."""
+    """Restores ``(meta, params, opt_state, {"step", "rng"})`` for resuming.
+
+    ``shardings``: optional ``{"params", "opt_state", "train"}`` pytrees of
+    target shardings (default: those of the ``*_like`` arrays), so a run
+    resumes on another mesh or device count with its arrays laid out anew.
+    """
+    shardings = shardings or {}
     meta = read_meta(directory, epoch)
     check_signature(meta, params_like, directory)
     with manager(directory) as mngr:
         restored = mngr.restore(
             meta["epoch"],
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params_like)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-                train=ocp.args.StandardRestore(_abstract(train_like)),
+                params=ocp.args.StandardRestore(_abstract(params_like, shardings.get("params"))),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like, shardings.get("opt_state"))),
+                train=ocp.args.StandardRestore(_abstract(train_like, shardings.get("train"))),
             ),
         )
     return meta, restored.params, restored.opt_state, restored.train

@@ -10,6 +10,15 @@ or distills one into a student, writing into ``workdir``:
 
 ``resume=True`` continues from the last checkpoint and ends with exactly the
 parameters an uninterrupted run would have (same seed, same device count).
+
+Everything is laid out on the device mesh ``config.mesh`` (default
+``"data=-1"``: data parallel over all devices; one device is a 1-device
+mesh) with the partition rules ``config.teacher_partition`` and
+``config.student_partition``; see :mod:`distill_jax.sharding` and
+docs/sharding.md. With several processes (``jax.distributed``), every process
+runs this same function; each hands JAX only the training rows its devices
+hold, and only process 0 writes the JSON files. A run may resume on another
+mesh or device count: the checkpoint is restored into the new layout.
 """
 
 from __future__ import annotations
@@ -29,19 +38,19 @@ from tqdm import tqdm
 
 from distill_jax import data as data_lib
 from distill_jax import models, objectives
+from distill_jax import sharding as sharding_lib
 from distill_jax.training import checkpoint as ckpt
 from distill_jax.training.steps import (
     TrainState,
     create_train_state,
     make_evaluate,
     make_predict,
-    make_train_epoch,
     make_train_step,
     to_host,
 )
 
 # Keys that may differ between a checkpoint's config and the resuming run's.
-_RESUME_MAY_CHANGE = ("checkpoint_every", "progress")
+_RESUME_MAY_CHANGE = ("checkpoint_every", "progress", "mesh", "teacher_partition", "student_partition")
 
 
 # ------------------------------------------------------------------ pieces
@@ -78,7 +87,7 @@ def make_optimizer(config: Mapping[str, Any], steps_per_epoch: int, num_epochs: 
 
 
 def _check_finite(name: str, array) -> None:
-    bad = int(np.size(array) - np.count_nonzero(np.isfinite(np.asarray(array))))
+    bad = sharding_lib.count_nonfinite(array)
     if bad:
         raise ValueError(
             f"{name} contains {bad} NaN/inf values; training on them would make every "
@@ -114,11 +123,14 @@ def teacher_checkpoint_dir(path: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def load_teacher(path: str | Path, student_num_classes: int | None = None):
+def load_teacher(path: str | Path, student_num_classes: int | None = None, *, mesh=None, partition="replicated"):
     """Restores a model from a checkpoint: ``(apply_fn, params, model_config)``.
 
     With ``student_num_classes``, a teacher predicting another number of
-    classes is an error raised before anything is trained.
+    classes is an error raised before anything is trained. With ``mesh``, the
+    parameters are restored straight into the layout of the partition rules
+    ``partition`` on it (whatever layout they were saved from); without, onto
+    this process's first device.
     """
     directory = teacher_checkpoint_dir(path)
     meta = ckpt.read_meta(directory)
@@ -132,7 +144,8 @@ def load_teacher(path: str | Path, student_num_classes: int | None = None):
     model = models.create(model_config)
     input_shape = tuple(meta["config"].get("input_shape", (1, 28, 28, 1)))
     params_like = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), input_shape))
-    params = ckpt.restore_params(directory, params_like)
+    shardings = None if mesh is None else sharding_lib.param_shardings(params_like, partition, mesh)
+    params = ckpt.restore_params(directory, params_like, shardings=shardings)
     return model.apply, params, model_config
 
 
@@ -217,17 +230,28 @@ def run(
         )
     workdir.mkdir(parents=True, exist_ok=True)
 
-    # Data.
+    # Devices.
+    mesh = sharding_lib.make_mesh(config_dict.get("mesh") or sharding_lib.DEFAULT_MESH)
+    student_rules = sharding_lib.parse_rules(config_dict.get("student_partition") or "replicated")
+    teacher_rules = sharding_lib.parse_rules(config_dict.get("teacher_partition") or "replicated")
+    lead = jax.process_index() == 0  # the one process that writes the JSON files
+
+    # Data. Every process loads the split; each hands JAX only its own rows
+    # (see distill_jax.sharding: "Data across processes").
     splits = dict(datasets) if datasets is not None else load_datasets(config_dict)
     train = splits["train"]
     _check_finite("the training images", train.images)
-    train_data = {"image": train.images, "label": jnp.asarray(train.labels, jnp.int32)}
     num_train = int(train.labels.shape[0])
     batch_size = int(config_dict["batch_size"])
     steps_per_epoch = num_train // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has {num_train} examples, fewer than batch_size={batch_size}.")
     num_epochs = int(config_dict["num_epochs"])
+    num_rows = sharding_lib.padded_num_rows(num_train, mesh)
+    train_data = {
+        "image": sharding_lib.shard_rows(np.asarray(train.images), mesh, num_rows),
+        "label": sharding_lib.shard_rows(np.asarray(train.labels, np.int32), mesh, num_rows),
+    }
 
     # Student.
     model_config = dict(config_dict["model"])
@@ -237,15 +261,18 @@ def run(
     config_dict["input_shape"] = list(input_shape)
     seed = int(config_dict.get("seed", 0))
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = models.init_params(student, init_key, input_shape)
     tx = make_optimizer(config_dict["optimizer"], steps_per_epoch, num_epochs)
+
+    def init_state():
+        return create_train_state(models.init_params(student, init_key, input_shape), tx, state_key)
+
     objective = objectives.from_spec(config_dict["objective"])
 
     # Teacher.
     teacher_path = (config_dict.get("teacher") or {}).get("checkpoint") or ""
     teacher_apply, teacher_params = None, None
     if teacher_path:
-        teacher_apply, teacher_params, _ = load_teacher(teacher_path, num_classes)
+        teacher_apply, teacher_params, _ = load_teacher(teacher_path, num_classes, mesh=mesh, partition=teacher_rules)
     needs_teacher = any(
         spec.get("loss", "cross_entropy") != "cross_entropy" for spec in config_dict["objective"].values()
     )
@@ -259,8 +286,15 @@ def run(
     probe = jnp.zeros((2, num_classes))
     objective(probe, probe if needs_teacher else None, {"label": jnp.zeros(2, jnp.int32)}, step=0)
 
+    # Layout: student state per student_rules (optimizer state mirrors the
+    # params), teacher per teacher_rules, data and batches over the data axes.
+    layout = sharding_lib.make_layout(
+        mesh, jax.eval_shape(init_state), student_rules, teacher_params, teacher_rules
+    )
+
     if _should_cache(config_dict, teacher_apply is not None):
-        teacher_logits = make_predict(teacher_apply, batch_size=1000)(teacher_params, train.images)
+        predict = jax.jit(make_predict(teacher_apply, batch_size=1000), out_shardings=layout.data)
+        teacher_logits = predict(teacher_params, train_data["image"])
         _check_finite("the teacher's logits on the transfer set", teacher_logits)
         train_data["teacher_logits"] = teacher_logits
     step = make_train_step(
@@ -271,16 +305,22 @@ def run(
         jitter_max_shift=int(config_dict.get("jitter", 0)),
         max_norm=model_config.get("max_norm"),
     )
-    train_epoch = make_train_epoch(step, batch_size=batch_size)
-    evaluate = make_evaluate(student.apply, num_classes=num_classes, batch_size=int(config_dict.get("eval_batch_size", 1000)))
+    train_epoch = sharding_lib.make_sharded_train_epoch(step, batch_size=batch_size, layout=layout, num_examples=num_train)
+    evaluate = jax.jit(
+        make_evaluate(student.apply, num_classes=num_classes, batch_size=int(config_dict.get("eval_batch_size", 1000))),
+        out_shardings=layout.replicated,
+    )
 
-    state = create_train_state(params, tx, state_key)
+    # The state is created under jit straight into its layout.
+    state = jax.jit(init_state, out_shardings=layout.state)()
     start_epoch = 0
     metrics_path = workdir / "metrics.jsonl"
     if existing is not None:
         meta, params, opt_state, train_state = ckpt.restore_all(
             checkpoint_dir, params_like=state.params, opt_state_like=state.opt_state,
             train_like={"step": state.step, "rng": state.rng},
+            shardings={"params": layout.state.params, "opt_state": layout.state.opt_state,
+                       "train": {"step": layout.state.step, "rng": layout.state.rng}},
         )
         diffs = _config_differences(meta.get("config", {}), config_dict)
         if diffs:
@@ -291,22 +331,31 @@ def run(
             )
         state = TrainState(train_state["step"], params, opt_state, train_state["rng"])
         start_epoch = int(meta["epoch"])
-        _truncate_metrics(metrics_path, start_epoch)
-    elif metrics_path.exists():
+        if lead:
+            _truncate_metrics(metrics_path, start_epoch)
+    elif metrics_path.exists() and lead:
         metrics_path.unlink()
-    (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    if lead:
+        (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
 
-    eval_splits = {name: splits[name] for name in ("val", "test") if name in splits}
+    # Evaluation splits: replicated on the mesh (global arrays, multi-process safe).
+    eval_splits = {
+        name: data_lib.Dataset(
+            sharding_lib.replicate(np.asarray(splits[name].images), mesh),
+            sharding_lib.replicate(np.asarray(splits[name].labels, np.int32), mesh),
+        )
+        for name in ("val", "test") if name in splits
+    }
     end_epoch = num_epochs if stop_after_epochs is None else min(num_epochs, start_epoch + stop_after_epochs)
     last_eval: dict = {}
     started = time.perf_counter()
     with ckpt.manager(checkpoint_dir) as mngr, tqdm(
         total=num_epochs, initial=start_epoch, desc=workdir.name, unit="epoch",
-        disable=not (progress and config_dict.get("progress", True)), leave=False,
+        disable=not (progress and config_dict.get("progress", True) and lead), leave=False,
     ) as bar:
         for epoch in range(start_epoch, end_epoch):
             t0 = time.perf_counter()
-            state, train_metrics = train_epoch(state, teacher_params, train_data, jnp.asarray(epoch, jnp.int32))
+            state, train_metrics = train_epoch(state, teacher_params, train_data, np.asarray(epoch, np.int32))
             train_metrics = to_host(train_metrics)
             epoch_time = time.perf_counter() - t0
             last_eval = {name: to_host(evaluate(state.params, ds.images, ds.labels)) for name, ds in eval_splits.items()}
@@ -317,8 +366,9 @@ def run(
                 )
             record = {"epoch": epoch + 1, "step": int(state.step), "epoch_time_s": round(epoch_time, 3),
                       "train": train_metrics, **last_eval}
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if lead:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             postfix = {"loss": f"{train_metrics['loss']:.4f}", "acc": f"{train_metrics['accuracy']:.4f}"}
             if "test" in last_eval:
                 postfix["test_err"] = last_eval["test"]["errors"]
@@ -338,7 +388,8 @@ def run(
         "teacher_cached": "teacher_logits" in train_data,
         **last_eval,
     }
-    if finished:
+    results["mesh"] = {name: int(size) for name, size in mesh.shape.items()}
+    if finished and lead:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     results["params"] = state.params
     return results
@@ -378,4 +429,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict({"checkpoint": ""})
     c.cache_teacher = "auto"
     c.checkpoint_every = 1
+    # Sharding (distill_jax.sharding, docs/sharding.md): the device mesh and
+    # the partition rules of teacher and student (a preset: replicated, fsdp,
+    # tensor; or ';'-separated 'regex=spec' rules before one).
+    c.mesh = "data=-1"
+    c.teacher_partition = "replicated"
+    c.student_partition = "replicated"
     return c

@@ -15,7 +15,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -102,27 +101,59 @@ def make_train_step(
     return step
 
 
-def make_train_epoch(step: Callable, *, batch_size: int) -> Callable:
+class EpochShardings(NamedTuple):
+    """Explicit layout of a jitted epoch on a mesh (see :mod:`distill_jax.sharding`).
+
+    Each field is a sharding or a pytree (prefix) of shardings.
+    """
+
+    state: PyTree  # the TrainState, in and out (donated)
+    teacher: PyTree  # the teacher params (None: no teacher)
+    data: PyTree  # the data dict (example axis split over the data axes)
+    batch: Any  # what each step's gathered batch is constrained to
+    metrics: Any  # the epoch number in, the mean metrics out (replicated)
+
+
+def make_train_epoch(
+    step: Callable,
+    *,
+    batch_size: int,
+    shardings: EpochShardings | None = None,
+    num_examples: int | None = None,
+) -> Callable:
     """Jits ``epoch(state, teacher_params, data, epoch) -> (state, mean metrics)``.
 
     ``data`` is a dict of device arrays with a leading example axis (images,
     labels, optionally cached teacher logits). The state is donated: its
     buffers are reused for the new state.
+
+    With ``shardings`` the jit gets explicit ``in_shardings``/``out_shardings``
+    and every step's batch is constrained to ``shardings.batch``.
+    ``num_examples`` (default: the data's leading size) is how many leading
+    rows are real examples; rows past it (padding) are never drawn.
     """
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
     def epoch_fn(state, teacher_params, data, epoch):
-        num_examples = data["label"].shape[0]
-        indices = epoch_indices(state.rng, epoch, num_examples, batch_size)
+        n = data["label"].shape[0] if num_examples is None else num_examples
+        indices = epoch_indices(state.rng, epoch, n, batch_size)
 
         def body(state, idx):
             batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
+            if shardings is not None and shardings.batch is not None:
+                batch = jax.lax.with_sharding_constraint(batch, shardings.batch)
             return step(state, teacher_params, batch)
 
         state, metrics = jax.lax.scan(body, state, indices)
         return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
-    return epoch_fn
+    if shardings is None:
+        return jax.jit(epoch_fn, donate_argnums=(0,))
+    return jax.jit(
+        epoch_fn,
+        donate_argnums=(0,),
+        in_shardings=(shardings.state, shardings.teacher, shardings.data, shardings.metrics),
+        out_shardings=(shardings.state, shardings.metrics),
+    )
 
 
 def _padded_batches(x: Array, batch_size: int) -> Array:
@@ -204,6 +235,7 @@ def to_host(metrics: dict) -> dict:
 
 
 __all__ = [
+    "EpochShardings",
     "TrainState",
     "create_train_state",
     "epoch_indices",
