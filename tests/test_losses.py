@@ -81,12 +81,14 @@ def np_top_k(s, t, k, T, tail):
         p = np_softmax(ti / T)
         q = np_softmax(si / T)
         idx = np.argsort(-p, kind="stable")[:k]
+        rest = np.ones(len(p), bool)
+        rest[idx] = False
         pk, qk = p[idx], q[idx]
         if tail == "renormalize":
             out.append(np_kl(pk / pk.sum(), qk / qk.sum()))
         else:
-            pt, qt = max(1 - pk.sum(), 0.0), 1 - qk.sum()
-            out.append(np_kl(np.append(pk, pt), np.append(qk, qt)))
+            # The tail is the mass outside the top k (exactly 0 when k = vocabulary).
+            out.append(np_kl(np.append(pk, p[rest].sum()), np.append(qk, q[rest].sum())))
     return np.array(out)
 
 
