@@ -34,6 +34,11 @@ test: $(STAMP_DEV)
 reproduce: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce --config experiments/hinton_mnist_quick.py $(ARGS)
 
+# Hinton et al. section 3 in full (MNIST and Fashion-MNIST, 3 seeds, T x width,
+# transfer sets): RESULTS.md's numbers. Resumable: re-run after an interruption.
+reproduce-full: $(STAMP_BASE)
+	$(PY) -m distill_jax reproduce-full --config experiments/hinton_full.py $(ARGS)
+
 benchmark: $(STAMP_BASE)
 	$(PY) benchmarks/distill_step.py $(ARGS)
 

@@ -5,6 +5,8 @@ Commands:
   distill        distill a teacher checkpoint into a student
   evaluate       evaluate a checkpoint on a dataset split
   reproduce      run a multi-stage study (e.g. experiments/hinton_mnist_quick.py)
+  reproduce-full Hinton et al. section 3 in full (experiments/hinton_full.py): seeds,
+                 temperature x width populations, transfer sets, plots
 
 Every config value can be overridden, e.g.
 ``--config.num_epochs=3 --config.model.hidden='(300,300)'``.
@@ -25,7 +27,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce")
+COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-full")
 
 
 def _flags(argv: list[str]) -> flags.FlagValues:
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: --config=experiments/<file>.py is required.", file=sys.stderr)
         return 2
     config = fv.config
+    if command == "reproduce-full":
+        from distill_jax import hinton
+
+        hinton.run_study(config, runs_root=Path(fv.runs), results_dir=Path(fv.results), progress=fv.progress)
+        return 0
     if command == "reproduce":
         from distill_jax import studies
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distill_jax import cli
@@ -48,3 +49,39 @@ def test_reproduce_smoke_profile_writes_the_table(tmp_path):
     assert all(0 <= row["test_errors"] <= 10000 for row in summary["rows"].values())
     table = (tmp_path / "results" / "hinton_mnist_smoke.md").read_text()
     assert "| student 2x800, soft targets T=20 (+0.1 x hard) |" in table and table in out.stdout
+
+
+def test_reproduce_full_smoke_profile_runs_every_stage_and_refuses_a_changed_config(tmp_path):
+    base = [sys.executable, "-m", "distill_jax", "reproduce-full", "--config=experiments/hinton_full.py:smoke",
+            f"--runs={tmp_path}/runs", f"--results={tmp_path}/results", "--noprogress"]
+    out = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = tmp_path / "results"
+    summary = json.loads((results / "hinton_smoke.json").read_text())
+    mnist = summary["datasets"]["mnist"]
+    assert [t["seed"] for t in mnist["teacher"]["per_seed"]] == [0, 1]
+    rows = mnist["students"]["30"]["rows"]
+    assert set(rows) == {"hard", "T2", "T20"}
+    for row in rows.values():
+        stat = row["test_errors"]
+        assert len(stat["values"]) == 2 and stat["mean"] == pytest.approx(np.mean(stat["values"]), abs=0.01)
+        assert all(0 <= v <= 10000 for v in stat["values"])
+    grid = set(summary["config"]["bias_shift_grid"])
+    for name, classes in (("omit_3", [3]), ("only_7_8", [7, 8])):
+        transfer = mnist["transfer"][name]
+        assert transfer["classes"] == classes and transfer["num_train"] > 0
+        assert all(row["shift"] in grid for row in transfer["per_seed"])
+    # The omitted-3 students never saw a 3 in training.
+    assert mnist["transfer"]["omit_3"]["class_count"] == 1010
+    soft = mnist["dark_knowledge"]["soft_targets"]
+    assert set(soft) == {"1", "4", "20"} and all(abs(sum(p) - 1) < 1e-4 for t in soft.values() for p in t)
+    for png in ("hinton_smoke_temperature_mnist.png", "hinton_smoke_dark_knowledge_mnist.png"):
+        assert (results / png).stat().st_size > 10_000
+    table = (results / "hinton_smoke.md").read_text()
+    assert "### Temperature vs capacity, MNIST" in table and table in out.stdout
+
+    # Re-running with another student budget must not silently mix checkpoints.
+    changed = subprocess.run(base + ["--config.epochs.mnist=(1, 2)"], cwd=REPO, capture_output=True, text=True,
+                             timeout=900)
+    assert changed.returncode != 0
+    assert "another config" in changed.stderr

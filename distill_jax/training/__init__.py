@@ -1,6 +1,6 @@
 """Training: jitted steps, scanned epochs, teacher cache, checkpoints and the run loop."""
 
-from distill_jax.training import checkpoint
+from distill_jax.training import checkpoint, population
 from distill_jax.training.loop import default_config, load_datasets, load_teacher, make_optimizer, run
 from distill_jax.training.steps import (
     TrainState,
@@ -11,6 +11,7 @@ from distill_jax.training.steps import (
     make_train_epoch,
     make_train_step,
     to_host,
+    train_epoch_fn,
 )
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "make_predict",
     "make_train_epoch",
     "make_train_step",
+    "population",
     "run",
+    "train_epoch_fn",
     "to_host",
 ]

@@ -114,6 +114,36 @@ class EpochShardings(NamedTuple):
     metrics: Any  # the epoch number in, the mean metrics out (replicated)
 
 
+def train_epoch_fn(
+    step: Callable,
+    *,
+    batch_size: int,
+    batch_sharding: Any = None,
+    num_examples: int | None = None,
+) -> Callable:
+    """``epoch(state, teacher_params, data, epoch) -> (state, mean metrics)``, not jitted.
+
+    A ``lax.scan`` of ``step`` over one shuffled epoch of index batches into
+    ``data``. Exposed unjitted so it can be wrapped: :func:`make_train_epoch`
+    jits it, :mod:`distill_jax.training.population` vmaps it over students.
+    """
+
+    def epoch_fn(state, teacher_params, data, epoch):
+        n = data["label"].shape[0] if num_examples is None else num_examples
+        indices = epoch_indices(state.rng, epoch, n, batch_size)
+
+        def body(state, idx):
+            batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
+            if batch_sharding is not None:
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            return step(state, teacher_params, batch)
+
+        state, metrics = jax.lax.scan(body, state, indices)
+        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    return epoch_fn
+
+
 def make_train_epoch(
     step: Callable,
     *,
@@ -132,20 +162,12 @@ def make_train_epoch(
     ``num_examples`` (default: the data's leading size) is how many leading
     rows are real examples; rows past it (padding) are never drawn.
     """
-
-    def epoch_fn(state, teacher_params, data, epoch):
-        n = data["label"].shape[0] if num_examples is None else num_examples
-        indices = epoch_indices(state.rng, epoch, n, batch_size)
-
-        def body(state, idx):
-            batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
-            if shardings is not None and shardings.batch is not None:
-                batch = jax.lax.with_sharding_constraint(batch, shardings.batch)
-            return step(state, teacher_params, batch)
-
-        state, metrics = jax.lax.scan(body, state, indices)
-        return state, jax.tree_util.tree_map(jnp.mean, metrics)
-
+    epoch_fn = train_epoch_fn(
+        step,
+        batch_size=batch_size,
+        batch_sharding=None if shardings is None else shardings.batch,
+        num_examples=num_examples,
+    )
     if shardings is None:
         return jax.jit(epoch_fn, donate_argnums=(0,))
     return jax.jit(
@@ -241,6 +263,7 @@ __all__ = [
     "epoch_indices",
     "make_train_step",
     "make_train_epoch",
+    "train_epoch_fn",
     "make_predict",
     "make_evaluate",
     "to_host",

@@ -1,0 +1,185 @@
+"""Tables and plots of the Hinton study (distill_jax.hinton) from its results JSON.
+
+Kept apart from the training code so a report can be redrawn from
+``results/hinton_full.json`` alone:
+
+  python -c "import json, distill_jax.hinton_report as r; \
+    s = json.load(open('results/hinton_full.json')); print(r.markdown(s)); r.plots(s, 'results')"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+
+def _pm(stat: Mapping[str, Any], digits: int = 1) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _seeds(summary) -> str:
+    return ", ".join(str(s) for s in summary["seeds"])
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    """Every table of the study, ours beside the paper's, as markdown."""
+    paper = summary["paper"]
+    datasets = list(summary["datasets"])
+    lines = [f"Seeds {_seeds(summary)}; each entry is the mean ± std (over seeds) of the test errors "
+             "out of 10,000; the paper reports single runs on MNIST.", ""]
+
+    # Main table.
+    head = "| model | " + " | ".join(f"{DATASET_TITLES.get(d, d)} (ours)" for d in datasets) + " | Hinton et al. MNIST |"
+    lines += ["### The main table", "", head, "|---|" + "---:|" * (len(datasets) + 1)]
+
+    def main_row(label, get, paper_value):
+        cells = []
+        for d in datasets:
+            stat = get(summary["datasets"][d])
+            cells.append("n/a" if stat is None else _pm(stat))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper_value} |")
+
+    main_row("teacher 2x1200, dropout + max-norm + jitter", lambda r: r["teacher"]["test_errors"], paper["teacher"])
+    main_row("student 2x800, hard labels", lambda r: _student(r, 800, "hard"), paper["hard_800"])
+    main_row("student 2x800, soft targets T=20 (+0.1 x hard)", lambda r: _student(r, 800, "T20"),
+             paper["distilled_800_T20"])
+    lines.append("")
+    epochs = [f"{DATASET_TITLES.get(d, d)}: teacher {r['teacher']['epochs']} epochs "
+              f"({r['teacher']['wall_time_s']:.0f} s for {len(summary['seeds'])} teachers), students "
+              f"{_first_width(r)['epochs']} epochs" for d, r in summary["datasets"].items()]
+    lines += ["Epochs and wall time on the 2-core CPU: " + "; ".join(epochs) + ".", ""]
+
+    # Temperature x width.
+    for d, r in summary["datasets"].items():
+        temps = [k for k in next(iter(r["students"].values()))["rows"] if k != "hard"]
+        lines += [f"### Temperature vs capacity, {DATASET_TITLES.get(d, d)}", "",
+                  "| hidden width | hard labels | " + " | ".join(f"T={k[1:]}" for k in temps)
+                  + " | population (students) | wall time (s) |",
+                  "|---|" + "---:|" * (len(temps) + 3)]
+        for width, block in r["students"].items():
+            best = min(temps, key=lambda k: block["rows"][k]["test_errors"]["mean"])
+            cells = []
+            for k in ["hard"] + temps:
+                cell = _pm(block["rows"][k]["test_errors"])
+                cells.append(f"**{cell}**" if k == best else cell)
+            lines.append(f"| 2x{width} | " + " | ".join(cells) + f" | {block['members']} | {block['wall_time_s']:.0f} |")
+        lines += ["", "Bold: the best temperature of the row. Paper (MNIST): with >= 300 units per layer all "
+                  "T > 8 gave similar results; with 30 units, T in [2.5, 4] worked best.", ""]
+
+    # Transfer sets.
+    po, p78 = paper["omit_3"], paper["only_7_8"]
+    lines += ["### Transfer set without any 3s (2x800 student, T=20)", "",
+              "| | " + " | ".join(f"{DATASET_TITLES.get(d, d)} (ours)" for d in datasets) + " | Hinton et al. MNIST |",
+              "|---|" + "---:|" * (len(datasets) + 1)]
+    rows = [("test errors, before the shift", "errors_before", po["errors_before"]),
+            ("errors on the test examples of class 3", "errors_on_class_before", po["errors_on_class_before"]),
+            ("bias shift of class 3 (chosen on validation)", "shift", po["shift"]),
+            ("test errors, after the shift", "errors_after", po["errors_after"]),
+            ("errors on class 3, after the shift", "errors_on_class_after", po["errors_on_class_after"])]
+    for label, key, paper_value in rows:
+        cells = [_pm(r["transfer"]["omit_3"][key], 2 if key == "shift" else 1) for r in summary["datasets"].values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper_value} |")
+    counts = ", ".join(f"{DATASET_TITLES.get(d, d)} {r['transfer']['omit_3']['class_count']}"
+                       for d, r in summary["datasets"].items())
+    lines += ["", f"Test examples of class 3: {counts} (paper: {po['class_count']}).", ""]
+
+    lines += ["### Transfer set of only 7s and 8s (2x800 student, T=20)", "",
+              "| | " + " | ".join(f"{DATASET_TITLES.get(d, d)} (ours)" for d in datasets) + " | Hinton et al. MNIST |",
+              "|---|" + "---:|" * (len(datasets) + 1)]
+    rows = [("test error rate (%), before the shift", "error_rate_before", p78["error_rate_before"]),
+            ("bias shift of 7 and 8 (down; chosen on validation)", "shift", p78["shift"]),
+            ("test error rate (%), after the shift", "error_rate_after", p78["error_rate_after"])]
+    for label, key, paper_value in rows:
+        cells = [_pm(r["transfer"]["only_7_8"][key], 2) for r in summary["datasets"].values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper_value} |")
+    transfer_info = "; ".join(
+        f"{DATASET_TITLES.get(d, d)}: no-3s set {r['transfer']['omit_3']['num_train']} examples, "
+        f"{r['transfer']['omit_3']['epochs']} epochs ({r['transfer']['omit_3']['wall_time_s']:.0f} s); "
+        f"7s-and-8s set {r['transfer']['only_7_8']['num_train']} examples, {r['transfer']['only_7_8']['epochs']} "
+        f"epochs ({r['transfer']['only_7_8']['wall_time_s']:.0f} s)"
+        for d, r in summary["datasets"].items())
+    lines += ["", f"{transfer_info}. For Fashion-MNIST, class 3 is 'dress', 7 'sneaker' and 8 'bag'.", ""]
+    lines += [f"Wall time of this invocation: {summary['session_wall_time_s']:.0f} s (stages finished "
+              "by an earlier invocation are reused, not retrained).", ""]
+    return "\n".join(lines)
+
+
+def _first_width(r):
+    return next(iter(r["students"].values()))
+
+
+def _student(r, width, key):
+    block = r["students"].get(str(width))
+    return None if block is None else block["rows"][key]["test_errors"]
+
+
+def plots(summary: Mapping[str, Any], results_dir: str | Path) -> list[Path]:
+    """Errors vs temperature per width, and the teacher's soft targets, one PNG each per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results_dir = Path(results_dir)
+    written = []
+    name = summary["study"]
+    for d, r in summary["datasets"].items():
+        title = DATASET_TITLES.get(d, d)
+        widths = list(r["students"])
+        fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.6), squeeze=False)
+        for ax, width in zip(axes[0], widths):
+            rows = r["students"][width]["rows"]
+            temps = [k for k in rows if k != "hard"]
+            ts = np.asarray([float(k[1:]) for k in temps])
+            mean = np.asarray([rows[k]["test_errors"]["mean"] for k in temps])
+            std = np.asarray([rows[k]["test_errors"]["std"] for k in temps])
+            ax.errorbar(ts, mean, yerr=std, marker="o", capsize=3, label="soft targets (+0.1 hard)")
+            hard = rows["hard"]["test_errors"]
+            ax.axhline(hard["mean"], color="gray", linestyle="--", label="hard labels")
+            ax.axhspan(hard["mean"] - hard["std"], hard["mean"] + hard["std"], color="gray", alpha=0.15)
+            if d == "mnist" and width == "800":
+                ax.scatter([20], [summary["paper"]["distilled_800_T20"]], marker="*", s=120, color="C3",
+                           label="paper, T=20", zorder=5)
+            ax.set_xscale("log")
+            ax.set_xticks(ts)
+            ax.set_xticklabels([f"{t:g}" for t in ts])
+            ax.set_xlabel("temperature T")
+            ax.set_title(f"2x{width} student")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("test errors (of 10,000)")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{title}: test errors vs temperature per width (mean ± std over seeds)")
+        fig.tight_layout()
+        path = results_dir / f"{name}_temperature_{d}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        dk = r["dark_knowledge"]
+        temps = list(dk["soft_targets"])
+        fig, axes = plt.subplots(len(dk["labels"]), len(temps), figsize=(3.2 * len(temps), 1.9 * len(dk["labels"])),
+                                 squeeze=False)
+        for row, label in enumerate(dk["labels"]):
+            for col, t in enumerate(temps):
+                ax = axes[row][col]
+                probs = np.asarray(dk["soft_targets"][t][row])
+                colors = ["C3" if k == label else "C0" for k in range(len(probs))]
+                ax.bar(range(len(probs)), probs, color=colors)
+                ax.set_yscale("log")
+                ax.set_ylim(1e-12, 1.5)
+                ax.set_xticks(range(len(probs)))
+                if row == 0:
+                    ax.set_title(f"T = {t}")
+                if col == 0:
+                    ax.set_ylabel(f"test digit\nlabel {label}")
+        fig.suptitle(f"{title}: the teacher's soft targets (red: true class; log scale)")
+        fig.tight_layout()
+        path = results_dir / f"{name}_dark_knowledge_{d}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
