@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: test reproduce reproduce-full install install-dev benchmark clean
+.PHONY: test reproduce reproduce-full reproduce-reasoning install install-dev benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP_DEV)
 # The main job: the quick Hinton MNIST profile (teacher, hard-label student, distilled student).
 reproduce: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce --config experiments/hinton_mnist_quick.py $(ARGS)
+
+# The reasoning-distillation study (R1 recipe, token-level, on-policy, multi-teacher); PROFILE=small|tiny for less.
+PROFILE ?= full
+reproduce-reasoning: $(STAMP_BASE)
+	$(PY) -m distill_jax reproduce-reasoning --config experiments/reasoning_r1.py:$(PROFILE) $(ARGS)
 
 benchmark: $(STAMP_BASE)
 	$(PY) benchmarks/distill_step.py $(ARGS)

@@ -5,6 +5,7 @@ Commands:
   distill        distill a teacher checkpoint into a student
   evaluate       evaluate a checkpoint on a dataset split
   reproduce      run a multi-stage study (e.g. experiments/hinton_mnist_quick.py)
+  reproduce-reasoning  the reasoning-distillation study (experiments/reasoning_r1.py)
 
 Every config value can be overridden, e.g.
 ``--config.num_epochs=3 --config.model.hidden='(300,300)'``.
@@ -25,7 +26,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce")
+COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-reasoning")
 
 
 def _flags(argv: list[str]) -> flags.FlagValues:
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: --config=experiments/<file>.py is required.", file=sys.stderr)
         return 2
     config = fv.config
+    if command == "reproduce-reasoning":
+        from distill_jax import reasoning_study
+
+        reasoning_study.run_reasoning_study(config, results_dir=Path(fv.results), progress=fv.progress)
+        return 0
     if command == "reproduce":
         from distill_jax import studies
 

@@ -301,8 +301,8 @@ def train(
     same loss.
     """
     n = len(data["inputs"])
-    if n < batch_size:
-        raise ValueError(f"{n} training rows, fewer than batch_size={batch_size}.")
+    if n == 0:
+        raise ValueError("no training rows.")
     if spec.kind == "top_k" and "teacher_top_values" not in data:
         raise ValueError("loss 'top_k' needs teacher_top_values / teacher_top_indices in data (teacher_top_k_cache).")
     if on_policy_fraction and (prompts is None or max_new_tokens is None):
@@ -324,7 +324,7 @@ def train(
     history: dict[str, list] = {"loss": [], "token_accuracy": []}
     t0 = time.perf_counter()
     for i in range(optimizer.steps):
-        if len(order) < batch_size:
+        while len(order) < batch_size:  # epochs back to back (several per batch if n < batch_size)
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = order[:batch_size], order[batch_size:]
         if on_policy[i]:
@@ -358,20 +358,21 @@ def generate_for(
     temperature: float = 0.0,
     num_samples: int = 1,
     batch_size: int = 256,
+    prompt_len: int | None = None,
 ) -> list[list[list[int]]]:
     """``num_samples`` completions (token ids up to and including ``<eos>``) per problem.
 
-    Prompts are chunked into ``batch_size`` rows (the last chunk padded), so
-    one compiled loop serves the whole split.
+    Prompts are left-padded to ``prompt_len`` (default: the longest) and
+    chunked into ``batch_size`` rows (the last chunk padded), so one compiled
+    loop serves every split with the same prompt length.
     """
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, eos_id=reasoning.EOS, pad_id=reasoning.PAD,
         banned_ids=(reasoning.PAD, reasoning.BOS),
     )
-    tokens, valid = reasoning.prompt_arrays(problems)
+    tokens, valid = reasoning.prompt_arrays(problems, length=prompt_len)
     tokens, valid = np.repeat(tokens, num_samples, axis=0), np.repeat(valid, num_samples, axis=0)
     rows = len(tokens)
-    batch_size = min(batch_size, rows)
     out_tokens, out_lengths = [], []
     for chunk, start in enumerate(range(0, rows, batch_size)):
         stop = min(start + batch_size, rows)
@@ -396,17 +397,18 @@ def evaluate(
     pass_temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 256,
+    prompt_len: int | None = None,
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy decoding, and pass@k (any of k samples correct) when ``pass_k`` > 0."""
     if not problems:
         raise ValueError("evaluate needs at least one problem.")
     key = jax.random.key(seed)
-    greedy = generate_for(config, params, problems, key=key, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_len=prompt_len)
+    greedy = generate_for(config, params, problems, key=key, **common)
     result = {"greedy": float(np.mean([reasoning.verify(p, g[0]) for p, g in zip(problems, greedy)])), "count": len(problems)}
     if pass_k:
         samples = generate_for(
-            config, params, problems, key=jax.random.fold_in(key, 1), max_new_tokens=max_new_tokens,
-            temperature=pass_temperature, num_samples=pass_k, batch_size=batch_size,
+            config, params, problems, key=jax.random.fold_in(key, 1), temperature=pass_temperature, num_samples=pass_k, **common
         )
         result[f"pass@{pass_k}"] = float(np.mean([any(reasoning.verify(p, s) for s in ss) for p, ss in zip(problems, samples)]))
     return result
@@ -422,6 +424,7 @@ def sample_verified(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 256,
+    prompt_len: int | None = None,
 ) -> tuple[list[tuple[reasoning.Problem, str]], dict[str, float]]:
     """Rejection sampling (the R1 recipe): ``num_samples`` completions per problem, the verified ones kept.
 
@@ -432,7 +435,7 @@ def sample_verified(
     """
     samples = generate_for(
         config, params, problems, key=jax.random.key(seed), max_new_tokens=max_new_tokens,
-        temperature=temperature, num_samples=num_samples, batch_size=batch_size,
+        temperature=temperature, num_samples=num_samples, batch_size=batch_size, prompt_len=prompt_len,
     )
     kept, accepted, covered = [], 0, 0
     for problem, completions in zip(problems, samples):
