@@ -298,7 +298,8 @@ def train(
     is instead made of the student's own samples (temperature 1) for
     ``prompts`` (``{"tokens", "valid"}``, left-padded, see
     :func:`~distill_jax.data.reasoning.prompt_arrays`), and scored with the
-    same loss.
+    same loss. ``params`` (default: a fresh init from ``seed``) continues
+    training from given weights.
     """
     n = len(data["inputs"])
     if n == 0:
@@ -310,9 +311,11 @@ def train(
     teacher_configs = tuple(c for c, _ in teachers)
     teacher_params = tuple(p for _, p in teachers)
     step = make_lm_train_step(config, spec, optimizer, teacher_configs)
-    state = init_train_state(config, optimizer, seed) if params is None else create_train_state(
-        params, optimizer.make(), jax.random.key_data(jax.random.key(seed))
-    )
+    if params is None:
+        state = init_train_state(config, optimizer, seed)
+    else:  # a copy: the step donates its state, which must not delete the caller's arrays
+        params = jax.tree_util.tree_map(jnp.array, params)
+        state = create_train_state(params, optimizer.make(), jax.random.key_data(jax.random.key(seed)))
     device_data = {name: jnp.asarray(value) for name, value in data.items()}
     on_policy = on_policy_schedule(optimizer.steps, on_policy_fraction)
     sampling = SamplingConfig(
