@@ -245,6 +245,8 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict
 def _fmt(stat: Mapping[str, float] | None, scale: float = 100.0, digits: int = 1) -> str:
     if stat is None or stat["n"] == 0:
         return ""
+    if stat["n"] == 1:  # one seed: no spread to show
+        return f"{stat['mean'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
