@@ -34,10 +34,10 @@ test: $(STAMP_DEV)
 reproduce: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce --config experiments/hinton_mnist_quick.py $(ARGS)
 
-# The reasoning-distillation study (R1 recipe, token-level, on-policy, multi-teacher); PROFILE=small|tiny for less.
-PROFILE ?= full
+# The reasoning-distillation study (R1 recipe, token-level, on-policy, multi-teacher); REASONING_PROFILE=small|tiny for less.
+REASONING_PROFILE ?= full
 reproduce-reasoning: $(STAMP_BASE)
-	$(PY) -m distill_jax reproduce-reasoning --config experiments/reasoning_r1.py:$(PROFILE) $(ARGS)
+	$(PY) -m distill_jax reproduce-reasoning --config experiments/reasoning_r1.py:$(REASONING_PROFILE) $(ARGS)
 
 benchmark: $(STAMP_BASE)
 	$(PY) benchmarks/distill_step.py $(ARGS)
