@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: test reproduce reproduce-full install install-dev benchmark clean
+.PHONY: test reproduce reproduce-full reproduce-reasoning install install-dev benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ reproduce: $(STAMP_BASE)
 # transfer sets): RESULTS.md's numbers. Resumable: re-run after an interruption.
 reproduce-full: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce-full --config experiments/hinton_full.py $(ARGS)
+
+# The reasoning-distillation study (R1 recipe, token-level, on-policy, multi-teacher); REASONING_PROFILE=small|tiny for less.
+REASONING_PROFILE ?= full
+reproduce-reasoning: $(STAMP_BASE)
+	$(PY) -m distill_jax reproduce-reasoning --config experiments/reasoning_r1.py:$(REASONING_PROFILE) $(ARGS)
 
 benchmark: $(STAMP_BASE)
 	$(PY) benchmarks/distill_step.py $(ARGS)

@@ -7,6 +7,7 @@ Commands:
   reproduce      run a multi-stage study (e.g. experiments/hinton_mnist_quick.py)
   reproduce-full Hinton et al. section 3 in full (experiments/hinton_full.py): seeds,
                  temperature x width populations, transfer sets, plots
+  reproduce-reasoning  the reasoning-distillation study (experiments/reasoning_r1.py)
 
 Every config value can be overridden, e.g.
 ``--config.num_epochs=3 --config.model.hidden='(300,300)'``.
@@ -27,7 +28,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-full")
+COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-full", "reproduce-reasoning")
 
 
 def _flags(argv: list[str]) -> flags.FlagValues:
@@ -110,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         from distill_jax import hinton
 
         hinton.run_study(config, runs_root=Path(fv.runs), results_dir=Path(fv.results), progress=fv.progress)
+        return 0
+    if command == "reproduce-reasoning":
+        from distill_jax import reasoning_study
+
+        reasoning_study.run_reasoning_study(config, results_dir=Path(fv.results), progress=fv.progress)
         return 0
     if command == "reproduce":
         from distill_jax import studies
