@@ -68,7 +68,8 @@ def test_only_eos_allowed_stops_every_row_after_one_token(params):
 
 
 @given(
-    logits=st.lists(st.floats(-5, 5), min_size=6, max_size=6),
+    # No subnormals: XLA on CPU flushes them to zero, so 1e-45 ties with 0 there.
+    logits=st.lists(st.floats(-5, 5, allow_subnormal=False), min_size=6, max_size=6),
     top_k=st.integers(1, 6),
     top_p=st.floats(0.05, 1.0),
 )
