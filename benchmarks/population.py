@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import data as data_lib
-from distill_jax import hinton, models, objectives, training
+from distill_jax import hinton, models, training
 from distill_jax.training import population
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,21 +39,13 @@ def _config():
     return module.get_config("full")
 
 
-def _make_step(model, tx):
-    def make_step(h):
-        objective = objectives.hinton(h["temperature"], soft_weight=h["soft_weight"], hard_weight=h["hard_weight"])
-        return training.make_train_step(model.apply, tx, objective)
-
-    return make_step
-
-
 def measure(width: int, members, images, labels, cached, epochs: int, batch_size: int, optimizer) -> dict:
     model = models.create({"name": "mlp", "hidden": (width, width), "num_classes": 10})
     tx = training.make_optimizer(optimizer, images.shape[0] // batch_size, epochs)
     shared = {"image": images, "label": labels}
     hparams = {k: np.asarray([m[k] for m in members], np.float32) for k in ("temperature", "soft_weight", "hard_weight")}
     member_data = {"teacher_logits": cached[np.asarray([m["teacher_index"] for m in members])]}
-    make_step = _make_step(model, tx)
+    make_step = hinton.member_step_factory(model, tx)
 
     t0 = time.perf_counter()
     states = population.init_population(model, (1, 28, 28, 1), tx, [m["seed"] for m in members])

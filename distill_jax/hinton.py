@@ -132,6 +132,16 @@ def teacher_logits(teacher_dirs: Sequence[str], images: np.ndarray) -> jax.Array
 # ------------------------------------------------------------------ populations
 
 
+def member_step_factory(model, tx):
+    """``make_step(hparams)`` for a population: Hinton's objective with traced T and weights."""
+
+    def make_step(h):
+        objective = objectives.hinton(h["temperature"], soft_weight=h["soft_weight"], hard_weight=h["hard_weight"])
+        return training.make_train_step(model.apply, tx, objective)
+
+    return make_step
+
+
 def train_population(
     config,
     workdir: Path,
@@ -175,11 +185,7 @@ def train_population(
     member_data = {"teacher_logits": cached_logits[teacher_index]}
     shared_data = {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels, jnp.int32)}
 
-    def make_step(h):
-        objective = objectives.hinton(h["temperature"], soft_weight=h["soft_weight"], hard_weight=h["hard_weight"])
-        return training.make_train_step(model.apply, tx, objective)
-
-    epoch_fn = population.make_population_epoch(make_step, batch_size=batch_size)
+    epoch_fn = population.make_population_epoch(member_step_factory(model, tx), batch_size=batch_size)
     input_shape = (1,) + tuple(train.images.shape[1:])
     states = population.init_population(model, input_shape, tx, [m["seed"] for m in members])
     evaluate = population.population_map(
