@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "reproduce-reasoning":
         from distill_jax import reasoning_study
 
-        reasoning_study.run_reasoning_study(config, results_dir=Path(fv.results), progress=fv.progress)
+        reasoning_study.run_reasoning_study(
+            config, results_dir=Path(fv.results), runs_root=Path(fv.runs), progress=fv.progress
+        )
         return 0
     if command == "reproduce":
         from distill_jax import studies

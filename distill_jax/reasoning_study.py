@@ -11,7 +11,7 @@ row                       what the student (or teacher) is trained on
 ``traces``                student, ground-truth traces (oracle data, SFT)
 ``seqkd``                 student, SFT on the teacher's verified samples (rejection
                           sampling, K per training problem): the DeepSeek-R1 recipe
-``seqkd_n<N>``            the same on N of the kept samples (accuracy vs samples)
+``seqkd_<P>pct``          the same on P % of the kept samples (accuracy vs samples)
 ``tokenkd``               student, forward KL at T to the teacher in the loop, on GT traces
 ``tokenkd_top<k>``        the same from an offline cache of the teacher's top-k log-probs
 ``gkd_offpolicy``         generalized JSD at beta on GT traces (lambda = 0)
@@ -31,6 +31,7 @@ sequence-KD samples.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -41,6 +42,7 @@ import numpy as np
 from distill_jax.data import reasoning
 from distill_jax.models.transformer import TransformerConfig
 from distill_jax.training import sequence as seq
+from distill_jax.training.checkpoint import CheckpointMismatchError
 
 __all__ = ["run_reasoning_study", "aggregate", "markdown_table", "plot_samples_curve", "ROW_LABELS"]
 
@@ -184,7 +186,8 @@ class _Runner:
                     if n < 1 or n >= len(kept):
                         continue
                     subset = [kept[i] for i in rng.choice(len(kept), n, replace=False)]
-                    name = f"seqkd_n{n}"
+                    # Named by fraction, not count, so the row lines up across seeds.
+                    name = f"seqkd_{int(round(100 * fraction))}pct"
                     self.fit(name, student, s_stage, task.arrays_of(subset), sft, ratio_to=teacher_acc)
                     self.curve.append({"samples": n, "test": self.rows[name]["test"], "ood": self.rows[name]["ood"]})
             else:
@@ -237,7 +240,8 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict
     out = {}
     for name in names:
         rows = [r["rows"][name] for r in per_seed if name in r["rows"]]
-        metrics = [m for m in rows[0] if isinstance(rows[0][m], (int, float))]
+        # None is a NaN that went through JSON (a reused seed): still a metric.
+        metrics = [m for m in rows[0] if rows[0][m] is None or isinstance(rows[0][m], (int, float))]
         out[name] = {m: _mean_std([r.get(m) for r in rows]) for m in metrics}
     return out
 
@@ -259,7 +263,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     lines = [f"## {summary['title']}", "", "| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for name, stats in summary["rows"].items():
         label = ROW_LABELS.get(name) or (
-            f"student, seq-KD on {name.split('_n')[1]} kept samples" if name.startswith("seqkd_n")
+            f"student, seq-KD on {name[len('seqkd_'):-len('pct')]}% of the kept samples" if name.startswith("seqkd_") and name.endswith("pct")
             else f"student, token KD from top-{name.split('top')[1]} cache" if name.startswith("tokenkd_top") else name
         )
         if "cache_bytes_per_token" in stats:
@@ -276,7 +280,10 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
             f"teacher {t}: acceptance {_fmt(v['acceptance_rate'])} %, problems with a kept sample {_fmt(v['problems_covered'])} %"
             for t, v in rs.items()
         ) + "."]
-    lines += ["", f"Seeds: {summary['seeds']}. Total wall time: {summary['total_wall_time_s']} s.", ""]
+    per_seed_s = ", ".join(f"{t:.0f}" for t in summary.get("seed_wall_time_s", []) if t is not None)
+    lines += ["", f"Seeds: {summary['seeds']} (wall time per seed: {per_seed_s} s; {summary.get('workers', 1)} at a time). "
+              f"Total wall time of this run: {summary['total_wall_time_s']} s"
+              + (f" (seeds {summary['reused_seeds']} reused from earlier runs)." if summary.get("reused_seeds") else "."), ""]
     return "\n".join(lines)
 
 
@@ -317,14 +324,115 @@ def _json_safe(value):
     return value
 
 
-def run_reasoning_study(config: ml_collections.ConfigDict, *, results_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Runs every row for every seed, prints the table, writes ``results/<name>.{json,md}`` and the plot."""
+def _seed_config_fingerprint(config: ml_collections.ConfigDict) -> str:
+    """What a seed's result depends on: the whole config except the seed list and the worker count."""
+    values = json.loads(config.to_json_best_effort())
+    for key in ("seeds", "workers"):
+        values.pop(key, None)
+    return json.dumps(values, sort_keys=True)
+
+
+def _run_seed(config_dict: dict, seed: int, progress: bool, seed_file: str | None) -> dict[str, Any]:
+    """One seed's rows (in this process or a worker), saved to ``seed_file`` when given."""
+    config = ml_collections.ConfigDict(config_dict)
     log = (lambda msg: print(f"[{config.name}] {msg}", flush=True)) if progress else (lambda msg: None)
     started = time.perf_counter()
-    task = _Task(config)
-    per_seed = []
-    for seed in config.seeds:
-        per_seed.append(_Runner(config, task, int(seed), log).run())
+    result = _Runner(config, _Task(config), int(seed), log).run()
+    result["wall_time_s"] = round(time.perf_counter() - started, 1)
+    result = _json_safe(result)  # what a reused seed looks like, so both aggregate alike
+    if seed_file:
+        record = {"fingerprint": _seed_config_fingerprint(config), "seed": int(seed), "result": _json_safe(result)}
+        tmp = Path(seed_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(seed_file)  # atomic: an interrupted write never leaves a half file behind
+    return result
+
+
+def _load_seed(seed_file: Path, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    if not seed_file.exists():
+        return None
+    record = json.loads(seed_file.read_text())
+    if record["fingerprint"] != _seed_config_fingerprint(config):
+        raise CheckpointMismatchError(
+            f"{seed_file} holds a seed of {config.name!r} run with another config. Delete {seed_file.parent} "
+            f"to start over, or give this config another name (--config.name=...)."
+        )
+    return record["result"]
+
+
+_worker_slots = None
+
+
+def _pin_worker(slots, cores: list[int]) -> None:
+    """Pins a worker process to one core of its own.
+
+    XLA's CPU thread pool spends much of its time synchronizing on the small
+    matmuls of these models; one single-core process per seed is measured
+    faster in total (see the README's reasoning section).
+    """
+    with slots.get_lock():
+        index = slots.value
+        slots.value += 1
+    if hasattr(os, "sched_setaffinity") and cores:
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
+
+
+def _run_seeds_in_workers(config, todo, progress, seed_files, workers: int) -> dict[int, dict]:
+    import concurrent.futures
+    import multiprocessing
+
+    # glibc returns big freed blocks to the OS and maps new ones on every
+    # step (measured: a third of a step's time in the kernel); workers
+    # inherit these settings at start.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**31 - 1))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**31 - 1))
+    ctx = multiprocessing.get_context("spawn")  # a fork of a process that has started XLA threads is unsafe
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    slots = ctx.Value("i", 0)
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_pin_worker, initargs=(slots, cores)
+    ) as pool:
+        futures = {
+            seed: pool.submit(_run_seed, config.to_dict(), seed, progress, str(seed_files[seed]))
+            for seed in todo
+        }
+        return {seed: future.result() for seed, future in futures.items()}
+
+
+def run_reasoning_study(
+    config: ml_collections.ConfigDict, *, results_dir: Path, runs_root: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Runs every row for every seed, prints the table, writes ``results/<name>.{json,md}`` and the plot.
+
+    With ``runs_root``, each finished seed is saved to
+    ``<runs_root>/<name>/seed<N>.json`` and reused by a later run of the same
+    config (a changed config is refused with :class:`CheckpointMismatchError`),
+    so an interrupted study loses at most the seeds in progress.
+    ``config.workers`` > 1 runs that many seeds at once, one process per
+    seed, each pinned to its own core.
+    """
+    log = (lambda msg: print(f"[{config.name}] {msg}", flush=True)) if progress else (lambda msg: None)
+    started = time.perf_counter()
+    seeds = [int(s) for s in config.seeds]
+    seed_files: dict[int, Path | None] = {seed: None for seed in seeds}
+    done: dict[int, dict] = {}
+    if runs_root is not None:
+        study_dir = Path(runs_root) / config.name
+        study_dir.mkdir(parents=True, exist_ok=True)
+        for seed in seeds:
+            seed_files[seed] = study_dir / f"seed{seed}.json"
+            previous = _load_seed(seed_files[seed], config)
+            if previous is not None:
+                done[seed] = previous
+                log(f"seed {seed}: reusing {seed_files[seed]}")
+    todo = [seed for seed in seeds if seed not in done]
+    workers = max(1, min(int(config.get("workers", 1)), len(todo)))
+    if workers > 1:
+        done |= _run_seeds_in_workers(config, todo, progress, seed_files, workers)
+    else:
+        for seed in todo:
+            done[seed] = _run_seed(config.to_dict(), seed, progress, str(seed_files[seed]) if seed_files[seed] else None)
+    per_seed = [done[seed] for seed in seeds]
     rejection = {}
     for t in "ab":
         stats = [r["extra"][f"rejection_sampling_teacher_{t}"] for r in per_seed if f"rejection_sampling_teacher_{t}" in r["extra"]]
@@ -339,6 +447,9 @@ def run_reasoning_study(config: ml_collections.ConfigDict, *, results_dir: Path,
         "rejection_sampling": rejection,
         "per_seed": per_seed,
         "total_wall_time_s": round(time.perf_counter() - started, 1),
+        "seed_wall_time_s": [r.get("wall_time_s") for r in per_seed],
+        "reused_seeds": sorted(set(seeds) - set(todo)),
+        "workers": int(config.get("workers", 1)),
         "config": json.loads(config.to_json_best_effort()),
     }
     table = markdown_table(summary)
