@@ -368,7 +368,7 @@ def _pin_worker(slots, cores: list[int]) -> None:
 
     XLA's CPU thread pool spends much of its time synchronizing on the small
     matmuls of these models; one single-core process per seed is measured
-    faster in total (see the README's reasoning section).
+    faster in total (RESULTS.md; benchmarks/lm_step.py).
     """
     with slots.get_lock():
         index = slots.value
