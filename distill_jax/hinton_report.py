@@ -117,6 +117,17 @@ def _student(r, width, key):
     return None if block is None else block["rows"][key]["test_errors"]
 
 
+def _save(fig, title: str, path: Path) -> Path:
+    """Titles, lays out, writes and closes ``fig``; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(summary: Mapping[str, Any], results_dir: str | Path) -> list[Path]:
     """Errors vs temperature per width, and the teacher's soft targets, one PNG each per dataset."""
     import matplotlib
@@ -152,12 +163,8 @@ def plots(summary: Mapping[str, Any], results_dir: str | Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("test errors (of 10,000)")
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{title}: test errors vs temperature per width (mean ± std over seeds)")
-        fig.tight_layout()
-        path = results_dir / f"{name}_temperature_{d}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"{title}: test errors vs temperature per width (mean ± std over seeds)",
+                             results_dir / f"{name}_temperature_{d}.png"))
 
         dk = r["dark_knowledge"]
         temps = list(dk["soft_targets"])
@@ -176,10 +183,6 @@ def plots(summary: Mapping[str, Any], results_dir: str | Path) -> list[Path]:
                     ax.set_title(f"T = {t}")
                 if col == 0:
                     ax.set_ylabel(f"test digit\nlabel {label}")
-        fig.suptitle(f"{title}: the teacher's soft targets (red: true class; log scale)")
-        fig.tight_layout()
-        path = results_dir / f"{name}_dark_knowledge_{d}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"{title}: the teacher's soft targets (red: true class; log scale)",
+                             results_dir / f"{name}_dark_knowledge_{d}.png"))
     return written

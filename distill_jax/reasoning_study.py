@@ -341,7 +341,7 @@ def _run_seed(config_dict: dict, seed: int, progress: bool, seed_file: str | Non
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
     result = _json_safe(result)  # what a reused seed looks like, so both aggregate alike
     if seed_file:
-        record = {"fingerprint": _seed_config_fingerprint(config), "seed": int(seed), "result": _json_safe(result)}
+        record = {"fingerprint": _seed_config_fingerprint(config), "seed": int(seed), "result": result}
         tmp = Path(seed_file).with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         tmp.replace(seed_file)  # atomic: an interrupted write never leaves a half file behind
@@ -358,9 +358,6 @@ def _load_seed(seed_file: Path, config: ml_collections.ConfigDict) -> dict[str, 
             f"to start over, or give this config another name (--config.name=...)."
         )
     return record["result"]
-
-
-_worker_slots = None
 
 
 def _pin_worker(slots, cores: list[int]) -> None:
@@ -393,7 +390,7 @@ def _run_seeds_in_workers(config, todo, progress, seed_files, workers: int) -> d
         max_workers=workers, mp_context=ctx, initializer=_pin_worker, initargs=(slots, cores)
     ) as pool:
         futures = {
-            seed: pool.submit(_run_seed, config.to_dict(), seed, progress, str(seed_files[seed]))
+            seed: pool.submit(_run_seed, config.to_dict(), seed, progress, seed_files[seed])
             for seed in todo
         }
         return {seed: future.result() for seed, future in futures.items()}
@@ -414,14 +411,14 @@ def run_reasoning_study(
     log = (lambda msg: print(f"[{config.name}] {msg}", flush=True)) if progress else (lambda msg: None)
     started = time.perf_counter()
     seeds = [int(s) for s in config.seeds]
-    seed_files: dict[int, Path | None] = {seed: None for seed in seeds}
+    seed_files: dict[int, str | None] = {seed: None for seed in seeds}
     done: dict[int, dict] = {}
     if runs_root is not None:
         study_dir = Path(runs_root) / config.name
         study_dir.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
-            seed_files[seed] = study_dir / f"seed{seed}.json"
-            previous = _load_seed(seed_files[seed], config)
+            seed_files[seed] = str(study_dir / f"seed{seed}.json")
+            previous = _load_seed(Path(seed_files[seed]), config)
             if previous is not None:
                 done[seed] = previous
                 log(f"seed {seed}: reusing {seed_files[seed]}")
@@ -431,7 +428,7 @@ def run_reasoning_study(
         done |= _run_seeds_in_workers(config, todo, progress, seed_files, workers)
     else:
         for seed in todo:
-            done[seed] = _run_seed(config.to_dict(), seed, progress, str(seed_files[seed]) if seed_files[seed] else None)
+            done[seed] = _run_seed(config.to_dict(), seed, progress, seed_files[seed])
     per_seed = [done[seed] for seed in seeds]
     rejection = {}
     for t in "ab":
