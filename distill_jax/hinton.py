@@ -288,6 +288,46 @@ def transfer_result(config, spec, run: dict, splits: Mapping[str, data_lib.Datas
     return out
 
 
+# ------------------------------------------------------------------ teacher vs student
+
+
+def agreement(teacher_logits: np.ndarray, student_logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Where a student's errors come from: counts over ``[n, classes]`` logits.
+
+    ``both_wrong`` are errors the student shares with its teacher,
+    ``student_only``/``teacher_only`` the rest; ``disagreements`` counts
+    examples whose predicted classes differ. ``centered_logit_rmse`` is the
+    root-mean-square difference of the logits after subtracting each
+    example's mean logit (the part soft targets at a high T depend on).
+    """
+    teacher_logits, student_logits = np.asarray(teacher_logits, np.float64), np.asarray(student_logits, np.float64)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {teacher_logits.shape} and student logits {student_logits.shape} differ.")
+    teacher_pred, student_pred = teacher_logits.argmax(-1), student_logits.argmax(-1)
+    teacher_wrong, student_wrong = teacher_pred != labels, student_pred != labels
+    diff = (student_logits - student_logits.mean(-1, keepdims=True)) - (teacher_logits - teacher_logits.mean(-1, keepdims=True))
+    return {"teacher_errors": int(teacher_wrong.sum()), "student_errors": int(student_wrong.sum()),
+            "both_wrong": int((teacher_wrong & student_wrong).sum()),
+            "student_only": int((student_wrong & ~teacher_wrong).sum()),
+            "teacher_only": int((teacher_wrong & ~student_wrong).sum()),
+            "disagreements": int((teacher_pred != student_pred).sum()),
+            "centered_logit_rmse": round(float(np.sqrt(np.mean(diff**2))), 4)}
+
+
+def compare_runs(teacher_dir: str, student_dir: str, *, dataset: str = "mnist", split: str = "test") -> dict[str, float]:
+    """:func:`agreement` of two run directories' final models on a TFDS split.
+
+      python -c "from distill_jax import hinton; print(hinton.compare_runs(
+          'runs/hinton_full/mnist/teacher_seed0', 'runs/hinton_student_tuning/hard0.1_adam1e-3_e40'))"
+    """
+    ds = data_lib.load_split(dataset, split)
+    logits = []
+    for directory in (teacher_dir, student_dir):
+        apply_fn, params, _ = training.load_teacher(directory)
+        logits.append(np.asarray(training.make_predict(apply_fn)(params, jnp.asarray(ds.images))))
+    return agreement(*logits, np.asarray(ds.labels))
+
+
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     values = np.asarray(values, np.float64)
     return {"mean": round(float(values.mean()), 2), "std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 2),

@@ -116,6 +116,23 @@ def test_shifted_errors_against_a_loop():
         assert got[k] == int(np.sum(adjusted.argmax(-1) != labels))
 
 
+def test_agreement_counts_by_hand():
+    labels = np.array([0, 1, 2, 0])
+    # Predictions: teacher 0, 1, 1, 2 (wrong on 2 and 3); student 0, 2, 1, 0 (wrong on 1 and 2).
+    teacher = np.array([[5, 0, 0], [0, 5, 0], [0, 5, 0], [0, 0, 5]], np.float32)
+    student = np.array([[5, 0, 0], [0, 0, 5], [0, 5, 0], [5, 0, 0]], np.float32)
+    got = hinton.agreement(teacher, student, labels)
+    assert {k: got[k] for k in ("teacher_errors", "student_errors", "both_wrong", "student_only", "teacher_only",
+                                "disagreements")} == {"teacher_errors": 2, "student_errors": 2, "both_wrong": 1,
+                                                      "student_only": 1, "teacher_only": 1, "disagreements": 2}
+    # Independent formula: rows 1 and 3 differ by a permuted one-hot of 5 ([0,-5,5] after centring), rows 0, 2 match.
+    assert got["centered_logit_rmse"] == pytest.approx(np.sqrt(2 * 50 / 12), abs=1e-4)
+    # A constant added per example changes no soft target, so it is not a difference.
+    assert hinton.agreement(teacher, teacher + np.arange(4)[:, None], labels)["centered_logit_rmse"] == 0.0
+    with pytest.raises(ValueError, match="differ"):
+        hinton.agreement(teacher, student[:, :2], labels)
+
+
 def test_choose_shift_recovers_a_missing_class():
     # A model that never learned class 3: its logit sits 2.5 below the truth.
     rng = np.random.default_rng(2)
