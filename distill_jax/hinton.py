@@ -321,11 +321,8 @@ def compare_runs(teacher_dir: str, student_dir: str, *, dataset: str = "mnist", 
           'runs/hinton_full/mnist/teacher_seed0', 'runs/hinton_student_tuning/hard0.1_adam1e-3_e40'))"
     """
     ds = data_lib.load_split(dataset, split)
-    logits = []
-    for directory in (teacher_dir, student_dir):
-        apply_fn, params, _ = training.load_teacher(directory)
-        logits.append(np.asarray(training.make_predict(apply_fn)(params, jnp.asarray(ds.images))))
-    return agreement(*logits, np.asarray(ds.labels))
+    teacher, student = np.asarray(teacher_logits([teacher_dir, student_dir], ds.images))
+    return agreement(teacher, student, np.asarray(ds.labels))
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
