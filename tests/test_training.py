@@ -87,6 +87,11 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, small_mnist,
     resumed_lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "epoch_time_s"} for x in lines]
     assert strip(full_lines) == strip(resumed_lines)
+    # Reusing a finished run retrains nothing and keeps the record of the run that trained it.
+    recorded = (tmp_path / "full" / "results.json").read_text()
+    reused = training.run(config, tmp_path / "full", datasets=small_mnist, progress=False, resume=True)
+    assert reused["test"] == full["test"] and len((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "full" / "results.json").read_text() == recorded
 
 
 def test_teacher_cache_matches_teacher_in_the_loop(tmp_path, small_mnist, teacher_dir):

@@ -378,7 +378,8 @@ def run(
                 ckpt.save(mngr, epoch + 1, params=state.params, opt_state=state.opt_state,
                           step=state.step, rng=state.rng, meta={"config": config_dict})
     finished = end_epoch == num_epochs
-    if not last_eval:  # resumed a finished run: evaluate again
+    trained_now = bool(last_eval)
+    if not trained_now:  # resumed a finished run: evaluate again
         last_eval = {name: to_host(evaluate(state.params, ds.images, ds.labels)) for name, ds in eval_splits.items()}
     results = {
         "finished": finished,
@@ -389,7 +390,9 @@ def run(
         **last_eval,
     }
     results["mesh"] = {name: int(size) for name, size in mesh.shape.items()}
-    if finished and lead:
+    # A finished run that is only reused keeps the results.json of the
+    # invocation that trained it (its wall time is the training's, not ours).
+    if finished and lead and (trained_now or not (workdir / "results.json").exists()):
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     results["params"] = state.params
     return results
