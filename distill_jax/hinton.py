@@ -318,7 +318,7 @@ def compare_runs(teacher_dir: str, student_dir: str, *, dataset: str = "mnist", 
     """:func:`agreement` of two run directories' final models on a TFDS split.
 
       python -c "from distill_jax import hinton; print(hinton.compare_runs(
-          'runs/hinton_full/mnist/teacher_seed0', 'runs/hinton_student_tuning/hard0.1_adam1e-3_e40'))"
+          'runs/hinton_full_idrop02/mnist/teacher_seed0', 'runs/hinton_student_tuning/hard0.1_adam1e-3_e40'))"
     """
     ds = data_lib.load_split(dataset, split)
     teacher, student = np.asarray(teacher_logits([teacher_dir, student_dir], ds.images))

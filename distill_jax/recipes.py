@@ -12,11 +12,18 @@ from distill_jax.training.loop import default_config
 
 
 def hinton_teacher(num_epochs: int = 30, dataset: str = "mnist") -> ml_collections.ConfigDict:
-    """Hinton et al.'s MNIST teacher: 784-1200-1200-10 ReLU, dropout, max-norm, 2-px jitter."""
+    """Hinton et al.'s MNIST teacher: 784-1200-1200-10 ReLU, dropout, max-norm, 2-px jitter.
+
+    Dropout is on the hidden units only: with 2-px jitter already perturbing
+    the inputs, 20 % input dropout as well left the teacher underfit (seed
+    0, 100 epochs: 246 errors on its own clean training images, 82 on test;
+    without it 147 and 73; over seeds 0-2, 86.3 -> 72.3 test errors.
+    RESULTS.md, "The teacher's input dropout").
+    """
     c = default_config()
     c.dataset = dataset
     c.model.hidden = (1200, 1200)
-    c.model.input_dropout = 0.2
+    c.model.input_dropout = 0.0
     c.model.hidden_dropout = 0.5
     c.model.max_norm = 3.5
     c.jitter = 2
