@@ -8,7 +8,9 @@ PIP    := $(PY) -m pip
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: test reproduce reproduce-full reproduce-reasoning install install-dev benchmark clean
+STAMP_MUT  := $(VENV)/.installed-mutation
+
+.PHONY: mutation test reproduce reproduce-full reproduce-reasoning install install-dev benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ $(STAMP_DEV): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@ $(STAMP_BASE)
 
+$(STAMP_MUT): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q -c constraints.txt -e '.[dev,mutation]'
+	touch $@ $(STAMP_DEV) $(STAMP_BASE)
+
 install: $(STAMP_BASE)
 install-dev: $(STAMP_DEV)
 
@@ -29,6 +35,12 @@ install-dev: $(STAMP_DEV)
 # collection error, and on "no tests collected" (exit 5), so CI fails loudly.
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Mutation testing of the core with cosmic-ray (hours; resumable; not part of
+# `make test`): per-module scores in results/mutation.{md,json}, see docs/testing.md.
+# MUTATION_ARGS="--sessions losses,objectives --budget-s 3600" for part of it.
+mutation: $(STAMP_MUT)
+	$(PY) mutation/run.py $(MUTATION_ARGS)
 
 # The main job: the quick Hinton MNIST profile (teacher, hard-label student, distilled student).
 reproduce: $(STAMP_BASE)

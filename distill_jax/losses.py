@@ -554,7 +554,10 @@ def top_k_kd(
       :math:`1 - \sum_K p` for the teacher and :math:`\sum_{j \notin K} q_j`
       for the student (computed as a logsumexp, not by subtraction), so the
       student is also told how much mass to keep off the top k. With k equal
-      to the vocabulary size this is exactly :func:`forward_kl`.
+      to the vocabulary size this is exactly :func:`forward_kl`. A kept
+      entry the student masks (``-inf`` logit) or ``where`` drops leaves both
+      distributions, and the teacher's remaining mass is renormalized over
+      what is left, as the full-logit losses do.
 
     No T^2 factor (as :func:`forward_kl`); scale the objective weight by T^2
     for Hinton-style mixing.
@@ -606,7 +609,8 @@ def top_k_kd(
     indices = jnp.broadcast_to(indices, batch_shape + indices.shape[-1:])
     log_q_k = jnp.take_along_axis(log_q_full, indices, axis=-1)
     q_valid_k = jnp.take_along_axis(q_valid, indices, axis=-1)
-    valid = (values > -jnp.inf) & q_valid_k
+    teacher_listed = values > -jnp.inf
+    valid = teacher_listed & q_valid_k
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, bool), values.shape)
     values = jnp.where(valid, values, 0.0)
@@ -649,7 +653,13 @@ def top_k_kd(
     log_p = jnp.concatenate([values, log_p_tail[..., None]], axis=-1)
     log_q = jnp.concatenate([log_q_k, log_q_tail[..., None]], axis=-1)
     full_valid = jnp.concatenate([valid, tail_valid[..., None]], axis=-1)
-    log_p = jnp.where(full_valid, log_p, 0.0)
+    # Entries the student masks (or ``where`` drops) leave both distributions,
+    # as in the full-logit losses: the teacher's remaining mass is
+    # renormalized over the common support, or the KL could go negative.
+    teacher_entries = jnp.concatenate([teacher_listed, teacher_has_tail[..., None]], axis=-1)
+    dropped = jnp.any(teacher_entries & ~full_valid, axis=-1, keepdims=True)
+    log_p_common, _ = masked_log_softmax(log_p, where=full_valid)
+    log_p = jnp.where(dropped, log_p_common, jnp.where(full_valid, log_p, 0.0))
     log_q = jnp.where(full_valid, log_q, 0.0)
     return _kl(log_p, log_q, full_valid, -1)
 

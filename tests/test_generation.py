@@ -4,14 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from distill_jax import generation as G
 from distill_jax.models import transformer as tf
 
-settings.register_profile("distill", max_examples=25, deadline=None, derandomize=True)
-settings.load_profile("distill")
 
 VOCAB, PAD, EOS = 11, 0, 2
 CONFIG = tf.TransformerConfig(vocab_size=VOCAB, dim=16, depth=1, num_heads=2, num_kv_heads=1, mlp_dim=24, max_len=16)
@@ -106,3 +104,118 @@ def test_bad_arguments_are_value_errors(params):
 def test_benchmark_reports_tokens_per_second(params):
     result = G.benchmark(CONFIG, params, batch_size=2, prompt_len=4, max_new_tokens=4, repeats=1)
     assert result["tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- statistics of sampling
+#
+# With a fixed key and many draws, the empirical token frequencies must match
+# softmax(logits / T) restricted to the top-k / top-p set (renormalized), a
+# distribution computed here in numpy from the definitions. Each case is a
+# chi-square goodness-of-fit test at false-alarm rate ALPHA: for a correct
+# sampler a random key fails it with probability ALPHA, so the 12 cases below
+# together fail by chance with probability < 12 * ALPHA = 1.2e-5; the keys
+# are fixed, so the outcome is deterministic. Tokens outside the kept set
+# must never be drawn (an exact count of zero).
+
+from scipy import stats  # noqa: E402  (a dependency of jax)
+
+ALPHA = 1e-6
+DRAWS = 20_000
+STAT_LOGITS = np.array([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0, -2.0, -3.0], np.float32)
+
+
+def np_sampling_distribution(logits, temperature, top_k=0, top_p=1.0):
+    """The distribution sampling draws from, from the definitions (float64)."""
+    z = np.asarray(logits, np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = np.zeros(len(probs), bool)
+    keep[order[: top_k or len(probs)]] = True
+    probs = np.where(keep, probs, 0.0)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        # The smallest most-likely prefix whose mass reaches top_p.
+        mass = np.cumsum(probs[order])
+        size = int(np.searchsorted(mass, top_p - 1e-12) + 1)
+        prefix = np.zeros(len(probs), bool)
+        prefix[order[:size]] = True
+        probs = np.where(prefix, probs, 0.0)
+        probs /= probs.sum()
+    return probs
+
+
+def _draw_counts(temperature, top_k, top_p, seed):
+    sampling = G.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = jnp.broadcast_to(jnp.asarray(STAT_LOGITS), (DRAWS, len(STAT_LOGITS)))
+    tokens = G.sample_tokens(jax.random.key(seed), logits, sampling)
+    return np.bincount(np.asarray(tokens), minlength=len(STAT_LOGITS))
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (4.0, 0, 1.0),
+     (1.0, 3, 1.0), (2.0, 5, 1.0), (0.7, 2, 1.0),
+     (1.0, 0, 0.9), (2.0, 0, 0.5), (0.5, 0, 0.95),
+     (2.0, 6, 0.8), (1.5, 4, 0.7)],
+)
+def test_sampled_frequencies_match_the_filtered_tempered_softmax(temperature, top_k, top_p):
+    counts = _draw_counts(temperature, top_k, top_p, seed=int(temperature * 100) + top_k + int(top_p * 1000))
+    want = np_sampling_distribution(STAT_LOGITS, temperature, top_k, top_p)
+    assert np.all(counts[want == 0] == 0), (counts, want)
+    kept = want > 0
+    assert kept.sum() >= 2
+    _, p_value = stats.chisquare(counts[kept], DRAWS * want[kept])
+    assert p_value > ALPHA, (p_value, counts, np.round(DRAWS * want, 1))
+
+
+def test_the_chi_square_test_sees_a_wrong_temperature():
+    # Its power: draws at T=2 are rejected as samples of T=1 (and of T=4),
+    # so a sampler that multiplied by T instead of dividing would fail above.
+    counts = _draw_counts(2.0, 0, 1.0, seed=7)
+    for wrong in (1.0, 4.0):
+        want = np_sampling_distribution(STAT_LOGITS, wrong)
+        assert stats.chisquare(counts, DRAWS * want)[1] < ALPHA
+
+
+def test_generate_samples_the_models_next_token_distribution_at_temperature(params):
+    # The whole path: many copies of one prompt, one new token each; the
+    # frequencies follow softmax(model logits / T) of the last position.
+    prompt = jnp.asarray([[3, 7, 4, 9, 5]], jnp.int32)
+    rows = 8000
+    logits = tf.Transformer(CONFIG).apply({"params": params}, prompt, jnp.ones_like(prompt, bool))[0, -1]
+    for temperature, seed in ((0.5, 1), (3.0, 2)):
+        out = G.generate(CONFIG, params, jnp.repeat(prompt, rows, 0), jax.random.key(seed),
+                         G.SamplingConfig(max_new_tokens=1, temperature=temperature))
+        counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=VOCAB)
+        want = np_sampling_distribution(np.asarray(logits), temperature)
+        expected = rows * want
+        # Pool the rare tokens into one cell so that every expected count is >= 5.
+        rare = expected < 5
+        observed = np.append(counts[~rare], counts[rare].sum())
+        expected = np.append(expected[~rare], expected[rare].sum())
+        if expected[-1] == 0:
+            observed, expected = observed[:-1], expected[:-1]
+        assert stats.chisquare(observed, expected)[1] > ALPHA, (temperature, counts, np.round(rows * want, 1))
+
+
+@given(
+    logits=st.lists(st.floats(-5, 5, allow_subnormal=False), min_size=6, max_size=6, unique=True),
+    top_p=st.floats(0.05, 1.0),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]),
+)
+def test_top_p_keeps_the_most_likely_tokens(logits, top_p, temperature):
+    # Every kept token is at least as likely as every dropped one, and the
+    # kept set is the one the definition gives at this temperature.
+    logits = np.asarray(logits, np.float32)
+    assume(len(np.unique(logits)) == len(logits))  # ties at the threshold are all kept, by design
+    kept = np.isfinite(np.asarray(G.filter_logits(jnp.asarray([logits]), G.SamplingConfig(temperature=temperature, top_p=top_p))))[0]
+    if (~kept).any():
+        assert logits[kept].min() > logits[~kept].max()
+    want = np_sampling_distribution(logits, temperature, top_p=top_p) > 0
+    if not np.array_equal(kept, want):
+        # Only a prefix mass within float32 rounding of top_p may differ.
+        z = logits.astype(np.float64) / temperature
+        probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        mass = np.sort(probs)[::-1].cumsum()
+        assert np.min(np.abs(mass - top_p)) < 1e-5, (kept, want)

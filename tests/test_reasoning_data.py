@@ -7,8 +7,6 @@ from hypothesis import strategies as st
 
 from distill_jax.data import reasoning as R
 
-settings.register_profile("distill", max_examples=25, deadline=None, derandomize=True)
-settings.load_profile("distill")
 
 problems = st.one_of(
     st.builds(R.Problem, st.integers(0, 99_999), st.integers(0, 99_999), st.just("add")),

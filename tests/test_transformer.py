@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 from distill_jax import sharding
 from distill_jax.models import transformer as tf
 
-settings.register_profile("distill", max_examples=25, deadline=None, derandomize=True)
-settings.load_profile("distill")
 
 VOCAB = 17
 

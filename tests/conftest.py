@@ -1,0 +1,15 @@
+"""Shared test settings.
+
+Hypothesis profiles: ``distill`` (the default, 25 examples per property,
+derandomized so that a run is reproducible) and ``mutation`` (8 examples, for
+`make mutation`, which runs the tests once per mutant). Choose with
+``HYPOTHESIS_PROFILE``.
+"""
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("distill", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("mutation", max_examples=8, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "distill"))
