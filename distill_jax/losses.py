@@ -555,9 +555,10 @@ def top_k_kd(
       for the student (computed as a logsumexp, not by subtraction), so the
       student is also told how much mass to keep off the top k. With k equal
       to the vocabulary size this is exactly :func:`forward_kl`. A kept
-      entry the student masks (``-inf`` logit) or ``where`` drops leaves both
-      distributions, and the teacher's remaining mass is renormalized over
-      what is left, as the full-logit losses do.
+      entry that the student masks (``-inf`` logit) or ``where`` drops joins
+      the tail on both sides; a student with no mass left outside the kept
+      entries has no tail, and then the teacher's tail mass leaves the
+      comparison and the rest is renormalized.
 
     No T^2 factor (as :func:`forward_kl`); scale the objective weight by T^2
     for Hinton-style mixing.
@@ -609,8 +610,7 @@ def top_k_kd(
     indices = jnp.broadcast_to(indices, batch_shape + indices.shape[-1:])
     log_q_k = jnp.take_along_axis(log_q_full, indices, axis=-1)
     q_valid_k = jnp.take_along_axis(q_valid, indices, axis=-1)
-    teacher_listed = values > -jnp.inf
-    valid = teacher_listed & q_valid_k
+    valid = (values > -jnp.inf) & q_valid_k
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, bool), values.shape)
     values = jnp.where(valid, values, 0.0)
@@ -653,11 +653,10 @@ def top_k_kd(
     log_p = jnp.concatenate([values, log_p_tail[..., None]], axis=-1)
     log_q = jnp.concatenate([log_q_k, log_q_tail[..., None]], axis=-1)
     full_valid = jnp.concatenate([valid, tail_valid[..., None]], axis=-1)
-    # Entries the student masks (or ``where`` drops) leave both distributions,
-    # as in the full-logit losses: the teacher's remaining mass is
-    # renormalized over the common support, or the KL could go negative.
-    teacher_entries = jnp.concatenate([teacher_listed, teacher_has_tail[..., None]], axis=-1)
-    dropped = jnp.any(teacher_entries & ~full_valid, axis=-1, keepdims=True)
+    # A student that masks every class outside the kept ones has no tail: the
+    # teacher's tail mass then leaves the comparison and the rest is
+    # renormalized over the common support (else the KL could go negative).
+    dropped = (teacher_has_tail & ~tail_valid)[..., None]
     log_p_common, _ = masked_log_softmax(log_p, where=full_valid)
     log_p = jnp.where(dropped, log_p_common, jnp.where(full_valid, log_p, 0.0))
     log_q = jnp.where(full_valid, log_q, 0.0)

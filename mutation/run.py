@@ -5,7 +5,8 @@ the tree (cosmic-ray edits files in place, so the working tree is never
 touched) and runs that session's tests against every mutant with
 ``pytest -x``. Sessions are resumable: a session's database lives in
 ``<workdir>/<name>/`` and a re-run executes only the mutants still pending,
-unless the module or its tests changed, which starts the session afresh.
+unless the code changed, which starts the session afresh; changed tests
+re-run only the surviving mutants.
 
 Operators: a fixed subset of cosmic-ray's core operators (ALLOWED below), the
 boundary and sign flips a reviewer would plant by hand; cosmic-ray's full set
@@ -35,6 +36,7 @@ import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -70,36 +72,60 @@ def _env(workdir: Path) -> dict:
     }
 
 
-def _fingerprint(session: dict) -> str:
+def _digest(paths: list[str]) -> str:
     h = hashlib.sha256()
-    paths = [session["module"]] + [t for t in session["tests"] if not t.startswith("-")] + ["tests/conftest.py"]
     for rel in sorted(set(paths)):
         path = REPO / rel
         h.update(rel.encode())
-        h.update(path.read_bytes() if path.exists() else b"<missing>")
+        if path.is_dir():
+            for f in sorted(path.rglob("*.py")):
+                h.update(f.read_bytes())
+        else:
+            h.update(path.read_bytes() if path.exists() else b"<missing>")
     return h.hexdigest()[:16]
+
+
+def _fingerprints(session: dict) -> tuple[str, str]:
+    """(code, tests): a code change invalidates every result, a test change only the survivors'."""
+    tests = [t for t in session["tests"] if not t.startswith("-")] + ["tests"]
+    return _digest(["distill_jax"]), _digest(tests)
 
 
 def _cosmic(*args, cwd: Path, env: dict, log) -> None:
     subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _copy_tree(tree: Path, names=COPIED) -> None:
+    for name in names:
+        src, dst = REPO / name, tree / name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+        elif src.exists():
+            shutil.copy2(src, dst)
+
+
 def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]:
     """The session's tree, config and database; True when the database is fresh."""
     root = workdir / session["name"]
     tree, config, db = root / "tree", root / "cosmic-ray.toml", root / "session.sqlite"
-    stamp = root / "fingerprint"
-    fingerprint = _fingerprint(session)
-    if db.exists() and stamp.exists() and stamp.read_text() == fingerprint:
+    code_stamp, tests_stamp = root / "fingerprint_code", root / "fingerprint_tests"
+    code, tests = _fingerprints(session)
+    if db.exists() and code_stamp.exists() and code_stamp.read_text() == code:
+        if tests_stamp.read_text() != tests:
+            # New or changed tests: killed mutants stay killed only if the
+            # tests still kill them, which is likely but not certain; the
+            # survivors are what new tests are written for, so those re-run.
+            _copy_tree(tree, ("tests",))
+            with sqlite3.connect(db) as con:
+                con.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+            tests_stamp.write_text(tests)
+            print(f"{session['name']}: tests changed, survivors reset to pending", file=log, flush=True)
         return tree, config, db, False
     shutil.rmtree(root, ignore_errors=True)
     tree.mkdir(parents=True)
-    for name in COPIED:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, tree / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
-        elif src.exists():
-            shutil.copy2(src, tree / name)
+    _copy_tree(tree)
     # The data loader looks for ../shared/data beside the repository.
     shared = REPO.parent / "shared"
     if shared.exists():
@@ -119,7 +145,8 @@ def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]
         "[cosmic-ray.filters.operators-filter]\n"
         f"exclude-operators = [{json.dumps(EXCLUDE)}]\n"
     )
-    stamp.write_text(fingerprint)
+    code_stamp.write_text(code)
+    tests_stamp.write_text(tests)
     return tree, config, db, True
 
 

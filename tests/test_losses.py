@@ -621,6 +621,36 @@ def test_top_k_bucket_tail_counts_only_the_students_valid_classes():
     assert np.all(np.asarray(got) > 0)
 
 
+def np_top_k_bucket_common_support(s, values, indices, keep, T=1.0):
+    """Bucket top-k KL when some kept entries leave the comparison (float64).
+
+    ``keep`` marks the top-k entries that take part; the others join the
+    tail bucket of both the teacher and the student.
+    """
+    out = []
+    for si, vi, ii, ki in zip(np.asarray(s, np.float64), np.asarray(values, np.float64), np.asarray(indices), keep):
+        q = np.exp(si / T - (si / T).max())
+        q /= q.sum()
+        p_k = np.exp(vi)
+        kept = np.zeros(len(q), bool)
+        kept[ii[ki]] = True
+        p = np.append(p_k[ki], 1 - p_k[ki].sum())
+        out.append(np_kl(p, np.append(q[ii[ki]], q[~kept].sum())))
+    return np.array(out)
+
+
+def test_top_k_bucket_moves_entries_where_drops_into_both_tails():
+    rng = np.random.default_rng(9)
+    s = rng.normal(size=(3, 8)).astype(np.float32)
+    t = rng.normal(size=(3, 8)).astype(np.float32) * 2
+    values, indices = L.top_k_log_probs(t, 3)
+    keep = np.array([[True, False, True], [True, True, True], [False, True, True]])
+    got = L.top_k_kd(s, values, indices, tail="bucket", where=keep)
+    np.testing.assert_allclose(got, np_top_k_bucket_common_support(s, values, indices, keep), rtol=1e-5, atol=1e-6)
+    # The row that drops nothing is the plain bucket loss.
+    np.testing.assert_allclose(got[1], L.top_k_kd(s, values, indices, tail="bucket")[1], rtol=1e-6)
+
+
 # ---------------------------------------------------------------- low-precision inputs
 
 

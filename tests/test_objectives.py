@@ -104,3 +104,81 @@ def test_bad_terms():
         O.combine()
     with pytest.raises(TypeError, match=r"\(weight, loss\) pair"):
         O.combine(soft=L.hinton_kd)
+
+
+# ---------------------------------------------------------------- defaults and term kinds
+
+
+def test_a_partial_of_a_marked_term_is_still_a_full_term():
+    s, t, batch = _batch(7)
+    term = partial(O.cross_entropy, label_key="target")
+    loss, _ = O.combine(hard=(1.0, term))(s, t, {"target": batch["label"]})
+    np.testing.assert_allclose(loss, optax.losses.softmax_cross_entropy_with_integer_labels(s, batch["label"]), rtol=1e-6)
+
+
+def test_a_marked_partial_of_an_unmarked_function_is_a_full_term():
+    s, t, batch = _batch(7)
+
+    def scaled_ce(student, teacher, batch, scale):
+        return scale * O.cross_entropy(student, teacher, batch)
+
+    loss, _ = O.combine(ce=(1.0, O.objective_term(partial(scaled_ce, scale=2.0))))(s, None, batch)
+    np.testing.assert_allclose(loss, 2.0 * optax.losses.softmax_cross_entropy_with_integer_labels(s, batch["label"]), rtol=1e-6)
+
+
+def test_cross_entropy_takes_its_label_key_by_keyword_only():
+    s, t, batch = _batch(7)
+    with pytest.raises(TypeError):
+        O.cross_entropy(s, t, batch, "label")
+
+
+def test_masked_mean_divides_by_the_selected_count():
+    assert float(O.masked_mean(jnp.array([3.0, 5.0]), jnp.array([1.0, 0.0]))) == pytest.approx(3.0)
+    assert float(O.masked_mean(jnp.array([3.0, 5.0]), jnp.array([0.0, 0.0]))) == 0.0
+    assert float(O.masked_mean(jnp.array([3.0, 5.0]))) == pytest.approx(4.0)
+
+
+class _NoSignature:
+    """A callable whose signature cannot be inspected (TypeError from inspect)."""
+
+    __signature__ = "not a signature"
+
+    def __call__(self, s, t):
+        return L.forward_kl(s, t)
+
+
+def test_terms_without_an_inspectable_signature_get_student_and_teacher():
+    s, t, batch = _batch(8)
+    loss, _ = O.combine(kl=(1.0, _NoSignature()))(s, t, batch)
+    np.testing.assert_allclose(loss, L.forward_kl(s, t), rtol=1e-6)
+    # A builtin without a signature (ValueError from inspect) is called the same way.
+    loss, _ = O.combine(top=(1.0, max))(jnp.float32(2.0), jnp.float32(3.0), batch)
+    assert float(loss) == 3.0
+
+
+def test_the_default_step_is_zero():
+    s, t, batch = _batch(9)
+    objective = O.combine(soft=(lambda step: 0.25 + step, partial(L.hinton_kd, temperature=2.0)))
+    np.testing.assert_array_equal(objective(s, t, batch)[0], objective(s, t, batch, step=0)[0])
+    np.testing.assert_allclose(objective(s, t, batch)[0], 0.25 * L.hinton_kd(s, t, 2.0), rtol=1e-6)
+
+
+def test_hinton_objective_defaults_and_hard_term():
+    s, t, batch = _batch(10)
+    loss, metrics = O.hinton(temperature=3.0)(s, t, batch)
+    np.testing.assert_allclose(loss, L.hinton_kd(s, t, 3.0), rtol=1e-6)
+    assert set(metrics) == {"soft", "soft/weight", "loss"}  # hard_weight=0: no hard term at all
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(s, batch["label"])
+    loss, metrics = O.hinton(3.0, soft_weight=0.5, hard_weight=0.25)(s, t, batch)
+    np.testing.assert_allclose(loss, 0.5 * L.hinton_kd(s, t, 3.0) + 0.25 * ce, rtol=1e-6)
+    # A scheduled hard weight is a term even though it starts at 0.
+    loss, metrics = O.hinton(3.0, hard_weight=optax.linear_schedule(0.0, 1.0, 4))(s, t, batch, step=2)
+    assert float(metrics["hard/weight"]) == pytest.approx(0.5)
+    np.testing.assert_allclose(loss, L.hinton_kd(s, t, 3.0) + 0.5 * ce, rtol=1e-6)
+
+
+def test_from_spec_weight_defaults_to_one():
+    s, t, batch = _batch(11)
+    loss, metrics = O.from_spec({"soft": {"loss": "forward_kl", "temperature": 2.0}})(s, t, batch)
+    np.testing.assert_allclose(loss, L.forward_kl(s, t, 2.0), rtol=1e-6)
+    assert float(metrics["soft/weight"]) == 1.0
