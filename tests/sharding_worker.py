@@ -13,7 +13,8 @@ JOBS.json: ``{"jobs": [...], "distributed": {...}?}``. A job is
 ``training.run`` fed the synthetic data), ``{"kind": "restore", ...}``
 (a checkpoint's params restored onto this process's mesh) or
 ``{"kind": "layout", ...}`` (a train state laid out by the rules) or
-``{"kind": "teacher", ...}`` (a teacher restored into its layout). Results
+``{"kind": "teacher", ...}`` (a teacher restored into its layout) or
+``{"kind": "visits", ...}`` (the example ids one sharded epoch draws). Results
 are written as JSON to ``jobs["results"]`` (+ ``.<process id>``) and params
 as ``.npz`` files; they are compared with single-device runs by the test.
 """
@@ -41,8 +42,12 @@ TEACHER_HIDDEN = (128, 128)
 STUDENT_HIDDEN = (64, 64)
 
 
-def synthetic_datasets(seed: int = 0):
-    """Random images labelled by a fixed random linear map: learnable, identical in every process."""
+def synthetic_datasets(seed: int = 0, num_train: int = NUM_TRAIN):
+    """Random images labelled by a fixed random linear map: learnable, identical in every process.
+
+    ``num_train < NUM_TRAIN`` keeps the first rows of the same training set
+    (e.g. a count the data shards do not divide, so the arrays get padded).
+    """
     from distill_jax import data as data_lib
 
     rng = np.random.default_rng(seed)
@@ -50,7 +55,7 @@ def synthetic_datasets(seed: int = 0):
     projection = rng.normal(size=(28 * 28, 10)).astype(np.float32)
     labels = np.argmax((images.reshape(len(images), -1) - 0.5) @ projection, -1).astype(np.int32)
     return {
-        "train": data_lib.Dataset(images[:NUM_TRAIN], labels[:NUM_TRAIN]),
+        "train": data_lib.Dataset(images[:num_train], labels[:num_train]),
         "test": data_lib.Dataset(images[NUM_TRAIN:], labels[NUM_TRAIN:]),
     }
 
@@ -131,9 +136,11 @@ def _run_job(job: dict) -> dict:
 
     config = student_config(job["teacher_dir"], **job.get("config", {}))
     t0 = time.perf_counter()
-    results = training.run(config, job["workdir"], datasets=synthetic_datasets(), progress=False,
+    datasets = synthetic_datasets(num_train=job.get("num_train", NUM_TRAIN))
+    results = training.run(config, job["workdir"], datasets=datasets, progress=False,
                            resume=job.get("resume", False), stop_after_epochs=job.get("stop_after"))
     out = {"time_s": round(time.perf_counter() - t0, 2), "epochs": results["epochs"], "mesh": results["mesh"],
+           "num_train": results["num_train"], "teacher_cached": results["teacher_cached"],
            "specs": _specs(results["params"])}
     if job.get("npz"):
         _save(job["npz"], results["params"])
@@ -223,12 +230,49 @@ def _teacher_job(job: dict) -> dict:
     return {"specs": _specs(params)}
 
 
+def _visits_job(job: dict) -> dict:
+    """One sharded epoch of a step that only records which example ids it drew, in which order.
+
+    ``num_rows`` real examples, row-sharded and padded to a multiple of the
+    data shards as the run loop pads them; every row holds its own id, so a
+    padding row drawn shows up as an id >= ``num_rows``. The result: the ids
+    in the order drawn.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from distill_jax import sharding
+    from distill_jax.training.steps import TrainState
+
+    mesh = sharding.make_mesh(job["mesh"])
+    num_rows, batch = job["num_rows"], job["batch_size"]
+    padded = sharding.padded_num_rows(num_rows, mesh)
+    ids = sharding.shard_rows(np.arange(padded, dtype=np.int32), mesh, padded)
+
+    def step(state, _, data):
+        drawn = jax.lax.dynamic_update_slice(state.params, data["label"], (state.step * batch,))
+        return state._replace(step=state.step + 1, params=drawn), {"loss": jnp.zeros(())}
+
+    def init():
+        drawn = jnp.full(padded, -1, jnp.int32)
+        return TrainState(jnp.asarray(0, jnp.int32), drawn, (), jax.random.PRNGKey(job["seed"]))
+
+    layout = sharding.make_layout(mesh, jax.eval_shape(init), "replicated")
+    epoch_fn = sharding.make_sharded_train_epoch(step, batch_size=batch, layout=layout, num_examples=num_rows)
+    state = jax.jit(init, out_shardings=layout.state)()
+    state, _ = epoch_fn(state, None, {"label": ids}, np.asarray(job["epoch"], np.int32))
+    drawn = np.asarray(sharding.gather_to_host(state.params))[: int(state.step) * batch]
+    return {"padded_rows": int(ids.shape[0]), "ids_spec": str(ids.sharding.spec), "steps": int(state.step),
+            "drawn": drawn.tolist()}
+
+
 def get_config(arg: str = ""):
     """Lets the CLI load this file: ``--config=tests/sharding_worker.py`` (overrides by flags)."""
     return student_config(arg)
 
 
-JOBS = {"run": _run_job, "cli": _cli_job, "restore": _restore_job, "layout": _layout_job, "teacher": _teacher_job}
+JOBS = {"run": _run_job, "cli": _cli_job, "restore": _restore_job, "layout": _layout_job, "teacher": _teacher_job,
+        "visits": _visits_job}
 
 
 def main(argv: list[str]) -> int:

@@ -41,6 +41,9 @@ WORKER = HERE / "sharding_worker.py"
 RTOL, ATOL = 1e-5, 1e-6
 TIMEOUT_S = 420  # per subprocess; a hang (e.g. a peer that never joins) fails instead of blocking
 
+# The data-parallel run trains on fewer rows than the others: a count 8 data
+# shards do not divide, so its training arrays carry padding rows.
+PADDED_TRAIN = w.NUM_TRAIN - 4
 # Student 784-64-64-10, teacher 784-128-128-10.
 K0, B0 = "['params']['hidden_0']['kernel']", "['params']['hidden_0']['bias']"
 K1, B1 = "['params']['hidden_1']['kernel']", "['params']['hidden_1']['bias']"
@@ -246,13 +249,16 @@ def runs(tmp_path_factory):
         "results": str(root / "eight_a.json"),
         "jobs": [
             {"name": "dp8", "kind": "run", "workdir": str(root / "dp8"), "npz": str(root / "dp8.npz"), **common,
-             "config": {"mesh": "data=8", "cache_teacher": "auto", "jitter": 0}},
+             "num_train": PADDED_TRAIN, "config": {"mesh": "data=8", "cache_teacher": "auto", "jitter": 0}},
             {"name": "d2f4", "kind": "run", "workdir": str(root / "d2f4"), "npz": str(root / "d2f4.npz"), **common,
              "config": {"mesh": "data=2,fsdp=4", "student_partition": "fsdp", "teacher_partition": "fsdp", "jitter": 1}},
             {"name": "d4m2", "kind": "run", "workdir": str(root / "d4m2"), "npz": str(root / "d4m2.npz"), **common,
              "config": {"mesh": "data=4,model=2", "student_partition": "fsdp", "teacher_partition": "tensor", "jitter": 1}},
             {"name": "teacher_d4m2", "kind": "teacher", "mesh": "data=4,model=2", "rules": "tensor", **common},
             {"name": "teacher_m8", "kind": "teacher", "mesh": "model=8", "rules": "tensor", **common},
+            {"name": "teacher_d2f4", "kind": "teacher", "mesh": "data=2,fsdp=4", "rules": "fsdp", **common},
+            {"name": "visits", "kind": "visits", "mesh": "data=2,fsdp=4", "num_rows": w.NUM_TRAIN + 3,
+             "batch_size": w.BATCH, "seed": 5, "epoch": 1},
             {"name": "layout_tensor_adam", "kind": "layout", "mesh": "data=4,model=2", "rules": "tensor", "optimizer": "adam"},
         ],
     }
@@ -297,7 +303,7 @@ def runs(tmp_path_factory):
         out["ref"] = w.flat_params(ref["params"])
         out["ref_lines"] = _train_lines(root / "ref")
         ref_cache = training.run(w.student_config(teacher, cache_teacher="auto", jitter=0), root / "refcache",
-                                 datasets=data, progress=False)
+                                 datasets=w.synthetic_datasets(num_train=PADDED_TRAIN), progress=False)
         assert ref_cache["teacher_cached"]
         out["refcache"] = w.flat_params(ref_cache["params"])
         out["refcache_lines"] = _train_lines(root / "refcache")
@@ -323,11 +329,33 @@ def test_sharded_run_matches_single_device(runs, name):
 
 
 @pytest.mark.slow
+def test_padding_rows_are_never_drawn(runs):
+    # The data-parallel run (compared with the single-device one above) trained on
+    # PADDED_TRAIN rows, padded up to a multiple of 8, and took only full batches of them.
+    dp8 = runs["eight"]["dp8"]
+    assert dp8["num_train"] == PADDED_TRAIN and PADDED_TRAIN % 8 and dp8["teacher_cached"]
+    steps = PADDED_TRAIN // w.BATCH
+    assert [line["step"] for line in w.metrics_lines(runs["root"] / "dp8")] == [steps, 2 * steps]
+    # One sharded epoch over NUM_TRAIN + 3 rows on data=2,fsdp=4 (padded to 520): the ids it
+    # draws are real rows only, each at most once, in the single-device shuffle's order.
+    visits, num_rows = runs["eight"]["visits"], w.NUM_TRAIN + 3
+    assert visits["padded_rows"] == -(-num_rows // 8) * 8 > num_rows
+    assert visits["ids_spec"] == "P(('data', 'fsdp'),)"
+    drawn = np.asarray(visits["drawn"])
+    assert visits["steps"] == num_rows // w.BATCH and len(drawn) == visits["steps"] * w.BATCH
+    assert drawn.max() < num_rows and len(set(drawn.tolist())) == len(drawn)
+    want = training.epoch_indices(jax.random.PRNGKey(5), np.asarray(1, np.int32), num_rows, w.BATCH)
+    np.testing.assert_array_equal(drawn, np.asarray(want).ravel())
+
+
+@pytest.mark.slow
 def test_params_are_laid_out_as_the_rules_say(runs):
     jobs = runs["eight"]
     assert jobs["dp8"]["mesh"] == {"data": 8} and set(jobs["dp8"]["specs"].values()) == {"P()"}
     fsdp = {K0: "P('fsdp',)", B0: "P()", K1: "P('fsdp',)", B1: "P()", K2: "P('fsdp',)", B2: "P()"}
     assert jobs["d2f4"]["specs"] == fsdp and jobs["from1"]["specs"] == fsdp
+    # The teacher under fsdp on the same mesh: its 128-wide kernels split the same way.
+    assert jobs["teacher_d2f4"]["specs"] == fsdp
     assert jobs["d4m2"]["specs"] == {k: v.replace("fsdp", "data") for k, v in fsdp.items()}
     assert jobs["m8"]["specs"] == {K0: "P(None, 'model')", B0: "P('model',)", K1: "P('model',)", B1: "P()",
                                    K2: "P()", B2: "P()"}

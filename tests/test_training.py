@@ -9,6 +9,7 @@ import pytest
 
 from distill_jax import data as data_lib
 from distill_jax import models, recipes, training
+from distill_jax import sharding as sharding_lib
 from distill_jax.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,18 @@ def teacher_dir(tmp_path_factory, small_mnist):
 
 
 def _leaves_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _metric_lines(workdir):
+    """metrics.jsonl without the wall times (the only thing two identical runs may differ in)."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "epoch_time_s"} for x in lines]
+
+
+def _saved_epochs(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_run_writes_config_metrics_results_and_checkpoints(teacher_dir):
@@ -92,6 +104,67 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, small_mnist,
     reused = training.run(config, tmp_path / "full", datasets=small_mnist, progress=False, resume=True)
     assert reused["test"] == full["test"] and len((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "full" / "results.json").read_text() == recorded
+    assert _saved_epochs(tmp_path / "full") == [3, 4]  # the manager keeps the two newest
+    if kind == "distill_in_loop":
+        # cache_teacher="auto" with jitter: the teacher is not cached but runs on each jittered
+        # batch, i.e. the run is the cache_teacher="false" run, bit for bit.
+        assert not full["teacher_cached"] and not part["teacher_cached"] and not resumed["teacher_cached"]
+        assert json.loads(recorded)["teacher_cached"] is False
+        never = _student_config(teacher_dir, epochs=4)
+        never.jitter, never.cache_teacher = 2, "false"
+        forced = training.run(never, tmp_path / "never", datasets=small_mnist, progress=False)
+        assert _leaves_equal(full["params"], forced["params"])
+        assert _metric_lines(tmp_path / "never") == _metric_lines(tmp_path / "full")
+
+
+def test_resume_after_a_crash_between_checkpoints_redoes_the_lost_epochs(
+    tmp_path, small_mnist, teacher_dir, monkeypatch
+):
+    config = _teacher_config(epochs=4)  # dropout + jitter + max-norm: every RNG stream
+    config.checkpoint_every = 2
+    every_epoch = _teacher_config(epochs=4)
+    every_epoch.checkpoint_every = 1  # may differ on resume; it changes nothing in the training
+    full = training.run(every_epoch, tmp_path / "full", datasets=small_mnist, progress=False)
+
+    # The run dies during epoch 4: epoch 3 is in metrics.jsonl but its last checkpoint is epoch 2.
+    # (The loop builds its jitted epoch with sharding.make_sharded_train_epoch; the wrapper
+    # also keeps a host copy of the params after each epoch.)
+    real_epoch_fn = sharding_lib.make_sharded_train_epoch
+    after_epoch = {}
+
+    def crashing(*args, **kwargs):
+        epoch_fn = real_epoch_fn(*args, **kwargs)
+
+        def wrapped(state, teacher_params, data, epoch):
+            if int(epoch) == 3:
+                raise RuntimeError("simulated crash in epoch 4")
+            state, metrics = epoch_fn(state, teacher_params, data, epoch)
+            after_epoch[int(epoch) + 1] = jax.device_get(state.params)
+            return state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(sharding_lib, "make_sharded_train_epoch", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.run(config, tmp_path / "crashed", datasets=small_mnist, progress=False)
+    monkeypatch.undo()
+    assert [line["epoch"] for line in _metric_lines(tmp_path / "crashed")] == [1, 2, 3]
+    assert _saved_epochs(tmp_path / "crashed") == [2]
+
+    # The uninterrupted run's older checkpoint is what the crashed run had after that epoch.
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert _saved_epochs(tmp_path / "full") == [3, 4]
+    assert ckpt.read_meta(checkpoints, 3)["epoch"] == 3
+    epoch3 = ckpt.restore_params(checkpoints, full["params"], 3)
+    assert _leaves_equal(epoch3, after_epoch[3]) and not _leaves_equal(epoch3, full["params"])
+
+    # Resuming drops the line of the lost epoch 3, redoes it and ends where the uninterrupted run does.
+    resumed = training.run(config, tmp_path / "crashed", datasets=small_mnist, progress=False, resume=True)
+    assert resumed["finished"] and resumed["epochs"] == 4
+    assert _metric_lines(tmp_path / "crashed") == _metric_lines(tmp_path / "full")
+    assert _leaves_equal(resumed["params"], full["params"])
+    assert resumed["test"] == full["test"]
+    assert _saved_epochs(tmp_path / "crashed") == [2, 4]  # every 2nd epoch, and the last
 
 
 def test_teacher_cache_matches_teacher_in_the_loop(tmp_path, small_mnist, teacher_dir):
@@ -115,8 +188,18 @@ def test_cache_with_jitter_is_refused(tmp_path, small_mnist, teacher_dir):
 
 
 def test_distillation_learns_from_the_teacher(tmp_path, small_mnist, teacher_dir):
-    results = training.run(_student_config(teacher_dir, epochs=6), tmp_path / "s", datasets=small_mnist, progress=False)
+    config = _student_config(teacher_dir, epochs=6)
+    results = training.run(config, tmp_path / "s", datasets=small_mnist, progress=False)
     teacher = json.loads((teacher_dir / "results.json").read_text())["test"]
+    # The student predicts what its teacher predicts on test images it never saw (chance: ~10%).
+    teacher_apply, teacher_params, _ = training.load_teacher(teacher_dir)
+    images = small_mnist["test"].images
+    teacher_pred = np.argmax(teacher_apply(teacher_params, images, train=False), -1)
+    student_pred = np.argmax(models.create(config.model).apply(results["params"], images, train=False), -1)
+    agreement = float(np.mean(teacher_pred == student_pred))
+    assert agreement > 0.8, agreement
+    # Trained only on soft targets, it copies the teacher (mistakes included) more than it matches the labels.
+    assert agreement > results["test"]["accuracy"], (agreement, results["test"])
     # A student 1/4 the width, trained on 2,000 images only through the
     # teacher's soft targets, gets within 10 points of it (chance is 10%).
     assert results["test"]["accuracy"] > max(0.7, teacher["accuracy"] - 0.1), (results["test"], teacher)
