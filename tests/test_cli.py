@@ -50,6 +50,45 @@ def test_reproduce_smoke_profile_writes_the_table(tmp_path):
     table = (tmp_path / "results" / "hinton_mnist_smoke.md").read_text()
     assert "| student 2x800, soft targets T=20 (+0.1 x hard) |" in table and table in out.stdout
 
+    # Every row is its run directory's result, and the table shows those numbers.
+    study = tmp_path / "runs" / "hinton_mnist_smoke"
+    for name, row in summary["rows"].items():
+        workdir = study / name
+        assert row["workdir"] == str(workdir)
+        results = json.loads((workdir / "results.json").read_text())
+        config = json.loads((workdir / "config.json").read_text())
+        epochs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        assert results["finished"] and row["epochs"] == results["epochs"] == len(epochs) == config["num_epochs"]
+        assert row["test_errors"] == results["test"]["errors"] == epochs[-1]["test"]["errors"]
+        assert row["test_count"] == results["test"]["count"] == 10000 == sum(results["test"]["count_per_class"])
+        assert sum(results["test"]["errors_per_class"]) == row["test_errors"]
+        assert epochs[-1]["step"] == row["epochs"] * (results["num_train"] // config["batch_size"])
+        assert results["num_train"] == 2000  # the smoke profile's transfer subset
+        assert f"| {row['label']} | {row['test_errors']} | {row['paper_errors']} | {row['epochs']} |" in table
+        # One epoch on 2,000 images is far from chance (about 9,000 errors of 10,000) for every stage.
+        assert row["test_errors"] < 5000, name
+    # The distilled stage distilled the teacher stage's checkpoint, at T=20 with 0.1 x the hard loss,
+    # from the teacher's logits computed once (students have no jitter).
+    distilled = json.loads((study / "distilled" / "config.json").read_text())
+    assert distilled["teacher"]["checkpoint"] == str(study / "teacher")
+    assert distilled["objective"]["soft"] == {"loss": "hinton_kd", "temperature": 20.0, "weight": 1.0}
+    assert distilled["objective"]["hard"]["weight"] == 0.1
+    assert json.loads((study / "distilled" / "results.json").read_text())["teacher_cached"]
+    assert json.loads((study / "hard" / "config.json").read_text())["teacher"]["checkpoint"] == ""
+    # The checkpoints hold the models the rows report: re-evaluated here, in this process.
+    from distill_jax import data as data_lib
+    from distill_jax.training import load_teacher, make_evaluate
+
+    test = data_lib.load_split("mnist", "test")
+    evaluate_student = None
+    for name in ("teacher", "hard", "distilled"):
+        apply_fn, params, model_config = load_teacher(study / name)
+        if name == "teacher":
+            evaluate = make_evaluate(apply_fn, num_classes=10)
+        else:  # both students are 2x800: one compiled evaluation
+            evaluate = evaluate_student = evaluate_student or make_evaluate(apply_fn, num_classes=10)
+        assert int(evaluate(params, test.images, test.labels)["errors"]) == summary["rows"][name]["test_errors"], name
+
 
 def test_reproduce_full_smoke_profile_runs_every_stage_and_refuses_a_changed_config(tmp_path):
     base = [sys.executable, "-m", "distill_jax", "reproduce-full", "--config=experiments/hinton_full.py:smoke",

@@ -476,6 +476,12 @@ def test_temperature_must_be_positive():
         L.hinton_kd(s, t, lambda step: 1.0)
 
 
+def test_scalars_have_no_class_axis():
+    for s, t in ((jnp.zeros(3), jnp.float32(0.0)), (jnp.float32(0.0), jnp.zeros(3))):
+        with pytest.raises(ValueError, match="must have a class axis"):
+            L.forward_kl(s, t)
+
+
 def test_class_count_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"different class counts.*student 10.*teacher 100"):
         L.hinton_kd(jnp.zeros((4, 10)), jnp.zeros((4, 100)), 2.0)

@@ -50,6 +50,7 @@ def test_tiny_reasoning_study_runs_every_row_and_writes_table_json_and_plot(tmp_
     assert "| student, GT answers only |" in table and table in out.stdout
     if any(r["curve"] for r in summary["per_seed"]):
         assert (tmp_path / "results" / "reasoning_r1_tiny_samples.png").stat().st_size > 0
+    _check_consistency(summary, table, tmp_path / "runs" / "reasoning_r1_tiny")
 
     # Finished seeds are saved and reused: a re-run trains nothing and gives the same rows.
     seed_files = sorted((tmp_path / "runs" / "reasoning_r1_tiny").glob("seed*.json"))
@@ -65,6 +66,83 @@ def test_tiny_reasoning_study_runs_every_row_and_writes_table_json_and_plot(tmp_
     changed = _study(tmp_path, *two_seeds, "--config.student.steps=4")
     assert changed.returncode != 0
     assert "CheckpointMismatchError" in changed.stderr and "run with another config" in changed.stderr
+
+
+def _cell(values, scale, digits):
+    """A table cell from the per-seed values, computed here with numpy: mean, or mean ± sample std."""
+    values = [v for v in values if v is not None]
+    if len(values) == 1:
+        return f"{values[0] * scale:.{digits}f}"
+    return f"{np.mean(values) * scale:.{digits}f} ± {np.std(values, ddof=1) * scale:.{digits}f}"
+
+
+def _check_consistency(summary, table, seed_dir):
+    """What only a working pipeline gives: every number in the JSON and the table traces back to the runs."""
+    per_seed, rows, k = summary["per_seed"], summary["rows"], summary["pass_k"]
+    config = summary["config"]
+    num_train, vocab = config["task"]["num_train"], 22
+    # The seed files hold exactly the per-seed results the summary aggregates.
+    for seed, result in zip(summary["seeds"], per_seed):
+        assert json.loads((seed_dir / f"seed{seed}.json").read_text())["result"] == result
+    # Aggregate = mean / sample std / count of the per-seed values.
+    for name, stats in rows.items():
+        for metric, stat in stats.items():
+            values = [r["rows"][name][metric] for r in per_seed if name in r["rows"] and r["rows"][name][metric] is not None]
+            assert stat["n"] == len(values), (name, metric)
+            if values:
+                assert stat["mean"] == pytest.approx(np.mean(values), abs=1e-9), (name, metric)
+                assert stat["std"] == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0, abs=1e-9)
+    # The markdown table's cells are those numbers, row by row in the summary's order.
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| row |")]
+    assert len(lines) == len(rows)
+    for line, name in zip(lines, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        values = lambda m: [r["rows"][name].get(m) for r in per_seed if name in r["rows"]]
+        metrics = ["test", "ood", f"test_pass@{k}", f"ood_pass@{k}"]
+        assert cells[1:5] == [_cell(values(m), 100, 1) for m in metrics], (name, line)
+        assert cells[-1] == f"{np.mean(values('train_examples')):.0f}"
+    for seed_result in per_seed:
+        r, extra = seed_result["rows"], seed_result["extra"]
+        # Student / teacher ratio of each student row is its test accuracy over the teacher's.
+        for name, row in r.items():
+            if "ratio_to_teacher" in row:
+                best = r["teacher"]["test"] if not name.startswith("multi_") else max(r["teacher"]["test"], r["teacher_b"]["test"])
+                assert row["ratio_to_teacher"] == (pytest.approx(row["test"] / best) if best > 0 else None), name
+        for name in ("teacher", "teacher_b", "answer_only", "traces", "tokenkd", "tokenkd_top2", "gkd_offpolicy",
+                     "gkd_onpolicy", "multi_tokenkd"):
+            assert r[name]["train_examples"] == num_train, name  # one row per training problem
+        assert r["tokenkd_top2"]["full_logits_bytes_per_token"] == 4 * vocab
+        # Rejection sampling: K samples per training problem; what is kept is what seq-KD trains on.
+        kept = {}
+        for t in "ab":
+            stats = extra[f"rejection_sampling_teacher_{t}"]
+            assert stats["sampled"] == num_train * config["seqkd"]["num_samples"]
+            assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["sampled"])
+            # Every covered problem keeps >= 1 unique text, and no more unique texts than accepted samples.
+            assert round(stats["problems_covered"] * num_train) <= stats["kept_unique"] <= stats["accepted"]
+            kept[t] = stats["kept_unique"]
+        assert ("seqkd" in r) == (kept["a"] > 0)
+        if kept["a"]:
+            assert r["seqkd"]["train_examples"] == kept["a"]
+            subset = round(0.5 * kept["a"])
+            assert ("seqkd_50pct" in r) == (1 <= subset < kept["a"])
+            if "seqkd_50pct" in r:
+                assert r["seqkd_50pct"]["train_examples"] == subset
+            curve = {p["samples"]: p for p in seed_result["curve"]}
+            for name in ("seqkd", "seqkd_50pct"):
+                if name in r:
+                    point = curve[r[name]["train_examples"]]
+                    assert (point["test"], point["ood"]) == (r[name]["test"], r[name]["ood"])
+        if kept["a"] + kept["b"]:
+            assert r["multi_seqkd"]["train_examples"] == kept["a"] + kept["b"]
+        # Training did something: the 60-step teacher's loss is far below an untrained model's ln(vocab) and
+        # the 3-step trace student's; the generalized JSD at beta = 1/2 never exceeds ln 2 (forward KL would).
+        assert r["teacher"]["final_loss"] < 0.5 * np.log(vocab)
+        assert r["teacher"]["final_loss"] < 0.5 * r["traces"]["final_loss"]
+        for name in ("gkd_offpolicy", "gkd_onpolicy"):
+            assert 0.0 <= r[name]["final_loss"] <= np.log(2.0), name
+        for name in ("tokenkd", "tokenkd_top2", "multi_tokenkd"):
+            assert r[name]["final_loss"] >= 0.0, name
 
 
 def test_aggregate_gives_mean_and_sample_std_over_seeds():

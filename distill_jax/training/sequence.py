@@ -267,7 +267,11 @@ def _padded_rows(array: np.ndarray, start: int, stop: int, size: int) -> np.ndar
 
 
 def on_policy_schedule(num_steps: int, fraction: float) -> np.ndarray:
-    """Which of ``num_steps`` batches are on-policy: evenly spread, ``round(fraction * num_steps)`` of them."""
+    """Which of ``num_steps`` batches are on-policy: evenly spread, ``floor(fraction * num_steps)`` of them.
+
+    Batch ``i`` is on-policy when ``floor((i + 1) * fraction)`` steps past
+    ``floor(i * fraction)``, so the on-policy batches end each run of ``1 / fraction``.
+    """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"the on-policy fraction lambda must lie in [0, 1], got {fraction}.")
     i = np.arange(num_steps)
