@@ -113,6 +113,9 @@ def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]
     code_stamp, tests_stamp = root / "fingerprint_code", root / "fingerprint_tests"
     code, tests = _fingerprints(session)
     if db.exists() and code_stamp.exists() and code_stamp.read_text() == code:
+        # A run killed mid-mutant leaves its module mutated: the code is the
+        # repository's (same fingerprint), so copy it back.
+        _copy_tree(tree, ("distill_jax",))
         if tests_stamp.read_text() != tests:
             # New or changed tests: killed mutants stay killed only if the
             # tests still kill them, which is likely but not certain; the
@@ -272,7 +275,8 @@ def session_report(session: dict, workdir: Path, equivalent: list[dict]) -> dict
     dump = subprocess.run([str(BIN / "cosmic-ray"), "dump", str(db)], capture_output=True, text=True, check=True).stdout
     counts = {"mutants": 0, "killed": 0, "survived": 0, "equivalent": 0, "annotation_only": 0, "skipped": 0,
               "pending": 0, "incompetent": 0}
-    module_source = (root / "tree" / session["module"]).read_text()
+    # The repository's copy: the tree's may hold a mutant right now.
+    module_source = (REPO / session["module"]).read_text()
     survivors, used = [], set()
     for line in dump.splitlines():
         item, result = json.loads(line)
@@ -291,7 +295,7 @@ def session_report(session: dict, workdir: Path, equivalent: list[dict]) -> dict
         if outcome == "incompetent":  # the mutant cannot even run: as good as killed
             counts["incompetent"] += 1
             continue
-        source = _line(root / "tree", mutation["module_path"], mutation["start_pos"][0])
+        source = _line(REPO, mutation["module_path"], mutation["start_pos"][0])
         operator = mutation["operator_name"]
         diff = [d for d in (result.get("diff") or "").splitlines() if d.startswith(("-", "+")) and not d.startswith(("---", "+++"))]
         if _annotation_only(module_source, mutation["start_pos"][0], diff):

@@ -102,8 +102,26 @@ def test_bad_arguments_are_value_errors(params):
 
 
 def test_benchmark_reports_tokens_per_second(params):
-    result = G.benchmark(CONFIG, params, batch_size=2, prompt_len=4, max_new_tokens=4, repeats=1)
+    result = G.benchmark(CONFIG, params, batch_size=2, prompt_len=4, max_new_tokens=3, repeats=1)
     assert result["tokens_per_s"] > 0
+    assert result["tokens_per_s"] == pytest.approx(2 * 3 / result["best_s"])
+    assert (result["batch_size"], result["prompt_len"], result["max_new_tokens"]) == (2, 4, 3)
+
+
+def test_filters_work_on_any_leading_shape():
+    logits = jax.random.normal(jax.random.key(3), (2, 3, VOCAB)) * 2
+    for sampling in (G.SamplingConfig(temperature=0.7, top_k=4), G.SamplingConfig(temperature=1.3, top_p=0.6),
+                     G.SamplingConfig(temperature=1.0, top_k=5, top_p=0.8, banned_ids=(0, 1))):
+        batched = np.asarray(G.filter_logits(logits, sampling))
+        rows = np.stack([np.asarray(G.filter_logits(row, sampling)) for row in logits.reshape(-1, VOCAB)])
+        np.testing.assert_array_equal(batched.reshape(-1, VOCAB), rows)
+
+
+def test_empty_prompts_are_refused(params):
+    with pytest.raises(ValueError, match="length >= 1"):
+        G.generate(CONFIG, params, jnp.zeros((2, 0), jnp.int32), jax.random.key(0), G.SamplingConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"\[batch, length >= 1\]"):
+        G.generate(CONFIG, params, jnp.zeros((4,), jnp.int32), jax.random.key(0), G.SamplingConfig(max_new_tokens=2))
 
 
 # ---------------------------------------------------------------- statistics of sampling

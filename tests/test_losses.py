@@ -657,6 +657,18 @@ def test_top_k_bucket_moves_entries_where_drops_into_both_tails():
     np.testing.assert_allclose(got[1], L.top_k_kd(s, values, indices, tail="bucket")[1], rtol=1e-6)
 
 
+def test_top_k_bucket_with_a_cache_that_sums_to_over_one_has_no_tail():
+    # A bf16 cache can hold top-k probabilities summing to slightly over 1:
+    # the tail is then empty (clamped at 0 mass), and the KL is taken over the
+    # k entries as stored.
+    values = jnp.log(jnp.array([[0.6, 0.45]]))
+    indices = jnp.array([[0, 1]])
+    s = jnp.array([[1.0, 0.5, -1.0, 0.0]])
+    q = np_softmax(np.asarray(s))[0]
+    want = 0.6 * np.log(0.6 / q[0]) + 0.45 * np.log(0.45 / q[1])
+    np.testing.assert_allclose(L.top_k_kd(s, values, indices, tail="bucket"), [want], rtol=1e-5)
+
+
 # ---------------------------------------------------------------- low-precision inputs
 
 
