@@ -106,33 +106,7 @@ def _copy_tree(tree: Path, names=COPIED) -> None:
             shutil.copy2(src, dst)
 
 
-def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]:
-    """The session's tree, config and database; True when the database is fresh."""
-    root = workdir / session["name"]
-    tree, config, db = root / "tree", root / "cosmic-ray.toml", root / "session.sqlite"
-    code_stamp, tests_stamp = root / "fingerprint_code", root / "fingerprint_tests"
-    code, tests = _fingerprints(session)
-    if db.exists() and code_stamp.exists() and code_stamp.read_text() == code:
-        # A run killed mid-mutant leaves its module mutated: the code is the
-        # repository's (same fingerprint), so copy it back.
-        _copy_tree(tree, ("distill_jax",))
-        if tests_stamp.read_text() != tests:
-            # New or changed tests: killed mutants stay killed only if the
-            # tests still kill them, which is likely but not certain; the
-            # survivors are what new tests are written for, so those re-run.
-            _copy_tree(tree, ("tests",))
-            with sqlite3.connect(db) as con:
-                con.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
-            tests_stamp.write_text(tests)
-            print(f"{session['name']}: tests changed, survivors reset to pending", file=log, flush=True)
-        return tree, config, db, False
-    shutil.rmtree(root, ignore_errors=True)
-    tree.mkdir(parents=True)
-    _copy_tree(tree)
-    # The data loader looks for ../shared/data beside the repository.
-    shared = REPO.parent / "shared"
-    if shared.exists():
-        (root / "shared").symlink_to(shared.resolve())
+def _write_config(session: dict, config: Path) -> None:
     test_command = " ".join(
         [shlex.quote(sys.executable), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
         + [shlex.quote(t) for t in session["tests"]]
@@ -148,6 +122,37 @@ def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]
         "[cosmic-ray.filters.operators-filter]\n"
         f"exclude-operators = [{json.dumps(EXCLUDE)}]\n"
     )
+
+
+def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]:
+    """The session's tree, config and database; True when the database is fresh."""
+    root = workdir / session["name"]
+    tree, config, db = root / "tree", root / "cosmic-ray.toml", root / "session.sqlite"
+    code_stamp, tests_stamp = root / "fingerprint_code", root / "fingerprint_tests"
+    code, tests = _fingerprints(session)
+    fresh = not (db.exists() and code_stamp.exists() and code_stamp.read_text() == code)
+    if fresh:
+        shutil.rmtree(root, ignore_errors=True)
+        tree.mkdir(parents=True)
+    _write_config(session, config)  # the session's test list may have changed
+    if not fresh:
+        # A run killed mid-mutant leaves its module mutated: the code is the
+        # repository's (same fingerprint), so copy it back.
+        _copy_tree(tree, ("distill_jax",))
+        if tests_stamp.read_text() != tests:
+            # New or changed tests: the survivors are what new tests are
+            # written for, so those re-run; killed mutants stay killed.
+            _copy_tree(tree, ("tests",))
+            with sqlite3.connect(db) as con:
+                con.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+            tests_stamp.write_text(tests)
+            print(f"{session['name']}: tests changed, survivors reset to pending", file=log, flush=True)
+        return tree, config, db, False
+    _copy_tree(tree)
+    # The data loader looks for ../shared/data beside the repository.
+    shared = REPO.parent / "shared"
+    if shared.exists():
+        (root / "shared").symlink_to(shared.resolve())
     code_stamp.write_text(code)
     tests_stamp.write_text(tests)
     return tree, config, db, True
@@ -232,24 +237,45 @@ class _DropAnnotations(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
-def _annotation_only(source: str, line_no: int, diff: list[str]) -> bool:
-    """Whether a one-line mutant changes only type annotations.
+class _MergeParameterKinds(ast.NodeTransformer):
+    """Positional-only, ordinary and keyword-only parameters as one list."""
 
-    Every module here has ``from __future__ import annotations``: annotations
-    are strings never evaluated, so such a mutant (``Array | None`` ->
-    ``Array & None``) is equivalent by construction.
+    def visit_arguments(self, node):
+        positional = node.posonlyargs + node.args
+        defaults = [None] * (len(positional) - len(node.defaults)) + node.defaults + node.kw_defaults
+        return ast.arguments(posonlyargs=[], args=positional + node.kwonlyargs, vararg=node.vararg,
+                             kwonlyargs=[], kw_defaults=defaults, kwarg=node.kwarg, defaults=[])
+
+
+def _classify(source: str, line_no: int, diff: list[str]) -> str | None:
+    """``"annotation"`` or ``"marker"`` for the two kinds of mutant that are equivalent by construction.
+
+    * annotation: it changes only type annotations (``Array | None`` ->
+      ``Array & None``). Every module here has ``from __future__ import
+      annotations``, so annotations are strings that are never evaluated.
+    * marker: it turns a signature's keyword-only marker ``*`` into the
+      positional-only marker ``/`` (cosmic-ray treats the ``*`` as a
+      multiplication). Every call that was valid keeps its meaning; only
+      calls that passed those parameters by position, which raised
+      TypeError, now run.
     """
     removed = [d[1:] for d in diff if d.startswith("-")]
     added = [d[1:] for d in diff if d.startswith("+")]
     lines = source.splitlines()
     if len(removed) != 1 or len(added) != 1 or lines[line_no - 1] != removed[0]:
-        return False
+        return None
     mutated = "\n".join(lines[: line_no - 1] + added + lines[line_no:])
     try:
-        strip = lambda text: ast.dump(_DropAnnotations().visit(ast.parse(text)))
-        return strip(source) == strip(mutated)
+        ast.parse(mutated)
     except SyntaxError:
-        return False
+        return None
+    strip = lambda text: ast.dump(_DropAnnotations().visit(ast.parse(text)))
+    if strip(source) == strip(mutated):
+        return "annotation"
+    merge = lambda text: ast.dump(_MergeParameterKinds().visit(_DropAnnotations().visit(ast.parse(text))))
+    if merge(source) == merge(mutated):
+        return "marker"
+    return None
 
 
 def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -273,7 +299,8 @@ def session_report(session: dict, workdir: Path, equivalent: list[dict]) -> dict
     if not db.exists():
         return None
     dump = subprocess.run([str(BIN / "cosmic-ray"), "dump", str(db)], capture_output=True, text=True, check=True).stdout
-    counts = {"mutants": 0, "killed": 0, "survived": 0, "equivalent": 0, "annotation_only": 0, "skipped": 0,
+    counts = {"mutants": 0, "killed": 0, "survived": 0, "equivalent": 0, "annotation_only": 0, "marker_only": 0,
+              "skipped": 0,
               "pending": 0, "incompetent": 0}
     # The repository's copy: the tree's may hold a mutant right now.
     module_source = (REPO / session["module"]).read_text()
@@ -298,8 +325,9 @@ def session_report(session: dict, workdir: Path, equivalent: list[dict]) -> dict
         source = _line(REPO, mutation["module_path"], mutation["start_pos"][0])
         operator = mutation["operator_name"]
         diff = [d for d in (result.get("diff") or "").splitlines() if d.startswith(("-", "+")) and not d.startswith(("---", "+++"))]
-        if _annotation_only(module_source, mutation["start_pos"][0], diff):
-            counts["annotation_only"] += 1
+        kind = _classify(module_source, mutation["start_pos"][0], diff)
+        if kind is not None:
+            counts[f"{kind}_only"] += 1
             continue
         match = next(
             (i for i, e in enumerate(equivalent)
@@ -342,7 +370,7 @@ def write_report(sessions: list[dict], workdir: Path) -> dict:
         if r["score_95ci"]:  # a random sample so far: its 95% interval
             score += f" ({100 * r['score_95ci'][0]:.0f}-{100 * r['score_95ci'][1]:.0f}%)"
         lines.append(
-            f"| {name} | `{r['module']}` | {r['mutants']} | {r['skipped']} | {r['equivalent'] + r['annotation_only']} | "
+            f"| {name} | `{r['module']}` | {r['mutants']} | {r['skipped']} | {r['equivalent'] + r['annotation_only'] + r['marker_only']} | "
             f"{r['killed'] + r['incompetent']} | {r['survived']} | {r['pending']} | {score} | {r['exec_s'] or 0:.0f} |"
         )
     for name, r in reports.items():

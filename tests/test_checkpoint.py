@@ -103,3 +103,57 @@ def test_an_empty_directory_is_a_clear_error(tmp_path):
         ckpt.read_meta(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ckpt.restore_params(tmp_path, _params())
+
+
+def test_restore_targets_keep_python_scalars_and_place_arrays():
+    # Python scalars (no shape/dtype) become orbax's own targets; arrays get a
+    # sharding: the one given, else their own, else this process's first device.
+    tree = {"count": 3, "x": jnp.zeros((2, 3))}
+    targets = ckpt._abstract(tree)
+    assert targets["count"] == ocp_target(3)
+    assert isinstance(targets["x"], jax.ShapeDtypeStruct)
+    assert targets["x"].shape == (2, 3) and targets["x"].dtype == jnp.float32
+    assert targets["x"].sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
+    named = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    given = ckpt._abstract({"x": jax.ShapeDtypeStruct((2, 3), jnp.float32)}, {"x": named})
+    assert given["x"].sharding == named
+    own = ckpt._abstract({"x": jax.device_put(jnp.zeros((2, 3)), named)})
+    assert own["x"].sharding == named
+
+
+def ocp_target(value):
+    import orbax.checkpoint as ocp
+
+    return ocp.utils.to_shape_dtype_struct(value)
+
+
+RESTORE_ON_TWO_DEVICES = r"""
+import sys, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from distill_jax.training import checkpoint as ckpt
+directory = sys.argv[1]
+params = {"w": jnp.arange(8.0).reshape(4, 2)}
+with ckpt.manager(directory) as mngr:
+    ckpt.save(mngr, 1, params=params, opt_state={"count": jnp.zeros((), jnp.int32)}, step=jnp.int32(0), rng=jax.random.PRNGKey(0), meta={"config": {}})
+like = jax.eval_shape(lambda: params)
+plain = ckpt.restore_params(directory, like)
+assert plain["w"].devices() == {jax.local_devices()[0]}, plain["w"].devices()
+mesh = Mesh(np.array(jax.devices()), ("data",))
+split = ckpt.restore_params(directory, like, shardings={"w": NamedSharding(mesh, P("data"))})
+assert split["w"].sharding.spec == P("data") and len(split["w"].devices()) == 2
+assert np.array_equal(np.asarray(split["w"]), np.asarray(params["w"]))
+print("ok")
+"""
+
+
+def test_restores_land_on_the_first_device_or_the_given_sharding(tmp_path):
+    # Two simulated devices in a child process (XLA reads the flag at start).
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", RESTORE_ON_TWO_DEVICES, str(tmp_path / "ckpt")], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

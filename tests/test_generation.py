@@ -97,6 +97,11 @@ def test_bad_arguments_are_value_errors(params):
         G.SamplingConfig(temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         G.SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        G.SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_k"):
+        G.SamplingConfig(top_k=-1)
+    assert G.SamplingConfig(max_new_tokens=1, top_k=0, top_p=1.0).max_new_tokens == 1
     with pytest.raises(ValueError, match="max_len"):
         G.generate(CONFIG, params, jnp.ones((1, 10), jnp.int32), jax.random.key(0), G.SamplingConfig(max_new_tokens=8))
 

@@ -409,3 +409,53 @@ def test_lm_step_on_a_padding_only_batch_changes_parameters_by_weight_decay_alon
     lr, wd = STEP_OPTIMIZER.learning_rate, STEP_OPTIMIZER.weight_decay
     for got, p in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(params0)):
         np.testing.assert_allclose(got, p * (1 - lr * wd), rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- rejection sampling and evaluation bookkeeping
+
+
+def _fake_generate_for(samples):
+    """A stand-in for generate_for returning fixed completions; records its calls."""
+    calls = []
+
+    def fake(config, params, problems, *, key, max_new_tokens, temperature=0.0, num_samples=1, **kw):
+        calls.append({"key": key, "temperature": temperature, "num_samples": num_samples})
+        return [[R.TOKENIZER.encode(text) for text in samples[(p.a, p.b)][:num_samples]] for p in problems]
+
+    return fake, calls
+
+
+def test_sample_verified_keeps_distinct_verified_texts_and_counts_them(monkeypatch):
+    problems = [R.Problem(1, 2), R.Problem(3, 4), R.Problem(5, 5)]
+    right = lambda p, fmt: R.completion(p, fmt)
+    samples = {
+        (1, 2): [right(problems[0], "trace"), right(problems[0], "trace"), "A:4<eos>"],  # 2 right, 1 text
+        (3, 4): ["A:8<eos>", "A:1<eos>", "A:0<eos>"],  # none right
+        (5, 5): [right(problems[2], "answer"), "A:9<eos>", right(problems[2], "trace")],  # 2 right, 2 texts
+    }
+    fake, calls = _fake_generate_for(samples)
+    monkeypatch.setattr(S, "generate_for", fake)
+    kept, stats = S.sample_verified(None, None, problems, num_samples=3, max_new_tokens=8, temperature=0.7, seed=4)
+    assert calls[0]["num_samples"] == 3 and calls[0]["temperature"] == 0.7
+    assert stats == {"sampled": 9, "accepted": 4, "acceptance_rate": 4 / 9, "problems_covered": 2 / 3, "kept_unique": 3}
+    assert sorted((p.a, p.b, text) for p, text in kept) == sorted(
+        [(1, 2, right(problems[0], "trace")), (5, 5, right(problems[2], "answer")), (5, 5, right(problems[2], "trace"))]
+    )
+
+
+def test_evaluate_scores_greedy_and_pass_at_k_from_their_own_samples(monkeypatch):
+    problems = [R.Problem(1, 2), R.Problem(3, 4)]
+    right = [R.completion(p, "answer") for p in problems]
+    samples = {(1, 2): [right[0], "A:0<eos>"], (3, 4): ["A:0<eos>", right[1]]}
+    fake, calls = _fake_generate_for(samples)
+    monkeypatch.setattr(S, "generate_for", fake)
+    result = S.evaluate(None, None, problems, max_new_tokens=8, pass_k=2, pass_temperature=0.9, seed=3)
+    # Greedy takes the first completion (1 of 2 right); pass@2 finds a right one for both.
+    assert result == {"greedy": 0.5, "count": 2, "pass@2": 1.0}
+    greedy_call, pass_call = calls
+    assert greedy_call["temperature"] == 0.0 and greedy_call["num_samples"] == 1
+    assert pass_call["temperature"] == 0.9 and pass_call["num_samples"] == 2
+    # pass@k samples draw from their own key, not the greedy one.
+    assert not np.array_equal(jax.random.key_data(greedy_call["key"]), jax.random.key_data(pass_call["key"]))
+    with pytest.raises(ValueError, match="at least one problem"):
+        S.evaluate(None, None, [], max_new_tokens=8)
