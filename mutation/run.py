@@ -9,18 +9,21 @@ unless the code changed, which starts the session afresh; changed tests
 re-run only the surviving mutants.
 
 Operators: a fixed subset of cosmic-ray's core operators (ALLOWED below), the
-boundary and sign flips a reviewer would plant by hand; cosmic-ray's full set
-replaces every binary operator by ten others, which multiplies the run time
-by about three without finding other kinds of gaps.
+boundary and sign flips a reviewer would plant by hand. cosmic-ray's full set
+also replaces every binary operator by ten others (``+`` by ``<<``, ``%``,
+...): 1,759 mutants of losses.py instead of 555.
 
 Surviving mutants listed in mutation/equivalent.toml (module, the mutated
-source line, operator, and a one-line reason) count as equivalent: they
-change no observable behaviour. The score is
-killed / (mutants - skipped - equivalent).
+source line, operator, and a one-line reason) count as equivalent, and so do
+two kinds recognised here (``_classify``): mutants of type annotations only,
+and of a signature's keyword-only marker. The score is
+killed / (mutants - skipped - equivalent); "skipped" are the operators
+outside ALLOWED.
 
 Writes results/mutation.json and results/mutation.md.
 
   python mutation/run.py                          # every session, two at a time
+  python mutation/run.py --budget-s 3600          # at most an hour per session (resumable)
   python mutation/run.py --sessions losses,objectives --jobs 1
   python mutation/run.py --report-only            # tables from the databases so far
 """
@@ -33,7 +36,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import sqlite3
@@ -85,10 +87,25 @@ def _digest(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _code_digest() -> str:
+    """The package's code without docstrings and comments: editing prose invalidates nothing."""
+    h = hashlib.sha256()
+    for path in sorted((REPO / "distill_jax").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(path.relative_to(REPO).as_posix().encode())
+        h.update(ast.dump(tree).encode())
+    return h.hexdigest()[:16]
+
+
 def _fingerprints(session: dict) -> tuple[str, str]:
     """(code, tests): a code change invalidates every result, a test change only the survivors'."""
     tests = [t for t in session["tests"] if not t.startswith("-")] + ["tests"]
-    return _digest(["distill_jax"]), _digest(tests)
+    return _code_digest(), _digest(tests)
 
 
 def _cosmic(*args, cwd: Path, env: dict, log) -> None:
@@ -130,6 +147,8 @@ def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]
     tree, config, db = root / "tree", root / "cosmic-ray.toml", root / "session.sqlite"
     code_stamp, tests_stamp = root / "fingerprint_code", root / "fingerprint_tests"
     code, tests = _fingerprints(session)
+    if db.exists() and code_stamp.exists() and code_stamp.read_text() == _digest(["distill_jax"]):
+        code_stamp.write_text(code)  # a stamp of the earlier whole-file digest, same code
     fresh = not (db.exists() and code_stamp.exists() and code_stamp.read_text() == code)
     if fresh:
         shutil.rmtree(root, ignore_errors=True)
