@@ -144,3 +144,26 @@ def test_without_jitter_a_cached_teacher_is_the_teacher_in_the_step():
     from_cache, _ = step(state, teacher_params, cached)
     np.testing.assert_allclose(from_cache.params["w"], in_step.params["w"], rtol=1e-6)
     assert int(in_step.step) == 1 and not np.allclose(in_step.params["w"], 1.0)  # it did update
+
+
+def test_evaluate_counts_errors_per_class_over_several_batches():
+    # 10 examples in batches of 3 (the last one padded): the per-class counts
+    # add up over batches, padding counts for nothing.
+    from distill_jax.training import steps
+
+    labels = jnp.asarray([0, 1, 2, 2, 1, 0, 2, 2, 1, 0], jnp.int32)
+    predicted = jnp.asarray([0, 2, 2, 1, 1, 0, 0, 2, 2, 1], jnp.int32)
+    apply_fn = lambda params, x, train: jax.nn.one_hot(x[:, 0].astype(jnp.int32), 3) * 5.0
+    evaluate = steps.make_evaluate(apply_fn, num_classes=3, batch_size=3)
+    result = evaluate(None, predicted[:, None].astype(jnp.float32), labels)
+    wrong = np.asarray(predicted != labels)
+    np.testing.assert_array_equal(result["errors_per_class"], np.bincount(np.asarray(labels)[wrong], minlength=3))
+    np.testing.assert_array_equal(result["count_per_class"], np.bincount(np.asarray(labels), minlength=3))
+    assert int(result["errors"]) == wrong.sum() and int(result["count"]) == 10
+    assert float(result["accuracy"]) == pytest.approx(1 - wrong.mean())
+
+
+def test_the_shuffle_and_step_streams_are_distinct():
+    # Epoch e's permutation and step e's dropout/jitter keys fold the same
+    # base key; their stream tags keep them independent.
+    assert steps._SHUFFLE_STREAM != steps._STEP_STREAM

@@ -113,6 +113,26 @@ def test_benchmark_reports_tokens_per_second(params):
     assert (result["batch_size"], result["prompt_len"], result["max_new_tokens"]) == (2, 4, 3)
 
 
+def test_without_an_end_token_every_row_runs_to_max_new_tokens(params):
+    # eos_id=None never stops early, whichever token comes out (here only token 1 can).
+    prompts, valid = prompts_and_valid()
+    banned = tuple(t for t in range(VOCAB) if t != 1)
+    out = G.generate(CONFIG, params, prompts, jax.random.key(0), G.SamplingConfig(max_new_tokens=5, banned_ids=banned), valid)
+    np.testing.assert_array_equal(np.asarray(out.tokens), 1)
+    np.testing.assert_array_equal(np.asarray(out.lengths), 5)
+    assert not np.asarray(out.finished).any()
+
+
+def test_benchmark_times_are_positive_and_bounded_by_the_call(params):
+    import time
+
+    t0 = time.perf_counter()
+    result = G.benchmark(CONFIG, params, batch_size=2, prompt_len=4, max_new_tokens=2, repeats=2)
+    wall = time.perf_counter() - t0
+    assert 0 < result["best_s"] <= result["compile_and_first_run_s"] + wall
+    assert 0 < result["compile_and_first_run_s"] < wall
+
+
 def test_filters_work_on_any_leading_shape():
     logits = jax.random.normal(jax.random.key(3), (2, 3, VOCAB)) * 2
     for sampling in (G.SamplingConfig(temperature=0.7, top_k=4), G.SamplingConfig(temperature=1.3, top_p=0.6),

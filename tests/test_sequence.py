@@ -459,3 +459,31 @@ def test_evaluate_scores_greedy_and_pass_at_k_from_their_own_samples(monkeypatch
     assert not np.array_equal(jax.random.key_data(greedy_call["key"]), jax.random.key_data(pass_call["key"]))
     with pytest.raises(ValueError, match="at least one problem"):
         S.evaluate(None, None, [], max_new_tokens=8)
+
+
+def test_spec_defaults_are_temperature_one_and_a_50_step_warmup():
+    batch, student, teacher = batch_with_padding_row()
+    np.testing.assert_allclose(
+        S.token_losses(S.LossSpec("forward_kl"), student, batch, teacher),
+        S.token_losses(S.LossSpec("forward_kl", temperature=1.0), student, batch, teacher),
+    )
+    assert S.LossSpec().kind == "sft" and S.LossSpec().tail == "renormalize"
+    # AdamW's learning rate warms up linearly over 50 steps, then decays by a cosine to 10%.
+    spec = S.OptimizerSpec(learning_rate=1.0, steps=1000, weight_decay=0.0, clip_norm=1e9)
+    tx = spec.make()
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    sizes = []
+    for _ in range(51):
+        update, state = tx.update({"w": jnp.ones(3)}, state, params)
+        sizes.append(float(jnp.abs(update["w"][0])))
+    # Adam's normalized step is ~1, so each update's size is the learning rate of that step.
+    np.testing.assert_allclose(sizes[25], 25 / 50, rtol=1e-3)
+    np.testing.assert_allclose(sizes[50], 1.0, rtol=1e-3)
+
+
+def test_train_refuses_an_empty_dataset():
+    config = tf.TransformerConfig(vocab_size=VOCAB, dim=8, depth=1, num_heads=2, num_kv_heads=1, mlp_dim=8, max_len=32)
+    empty = {k: v[:0] for k, v in R.encode_problems([R.Problem(1, 2)]).items()}
+    with pytest.raises(ValueError, match="no training rows"):
+        S.train(config, empty, spec=S.LossSpec("sft"), optimizer=S.OptimizerSpec(steps=1), batch_size=2, seed=0)

@@ -1,4 +1,4 @@
-"""training.make_optimizer against the update rules written out by hand (fast, no data)."""
+"""Pieces of training.loop: make_optimizer against the update rules written out by hand, datasets, teachers (fast, no MNIST)."""
 
 import math
 
@@ -88,3 +88,62 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         make_optimizer({"name": "rmsprop", "learning_rate": 0.1}, 10, 2)
     assert isinstance(make_optimizer({"learning_rate": 0.1}, 10, 2), optax.GradientTransformation)  # sgd by default
+
+
+# ---------------------------------------------------------------- datasets, teachers, runs without MNIST
+
+import jax  # noqa: E402
+
+from distill_jax import data as data_lib  # noqa: E402
+from distill_jax import models, training  # noqa: E402
+from distill_jax.training import checkpoint as ckpt  # noqa: E402
+from distill_jax.training import loop  # noqa: E402
+
+
+def _synthetic(n, seed, shape=(28, 28, 1)):
+    rng = np.random.default_rng(seed)
+    return data_lib.Dataset(jnp.asarray(rng.random((n,) + shape, np.float32)), jnp.asarray(np.arange(n) % 10, jnp.int32))
+
+
+def _config(**transfer):
+    c = training.default_config()
+    c.transfer.update(transfer)
+    return c
+
+
+def test_load_datasets_applies_the_transfer_filters(monkeypatch):
+    monkeypatch.setattr(data_lib, "load_split", lambda name, split, **kw: _synthetic(100 if split == "train" else 20, 0))
+    kept = loop.load_datasets(_config(keep_classes=(7, 8)))
+    assert set(np.unique(np.asarray(kept["train"].labels))) == {7, 8} and len(kept["train"].labels) == 20
+    dropped = loop.load_datasets(_config(drop_classes=(3,)))
+    assert 3 not in set(np.asarray(dropped["train"].labels)) and len(dropped["train"].labels) == 90
+    subset = loop.load_datasets(_config(subset=30))
+    assert len(subset["train"].labels) == 30
+    plain = loop.load_datasets(_config())
+    assert len(plain["train"].labels) == 100 and len(plain["test"].labels) == 20 and "val" not in plain
+    config = _config()
+    config.val_size = 10
+    split = loop.load_datasets(config)
+    assert len(split["val"].labels) == 10 and len(split["train"].labels) == 90
+
+
+def test_a_teacher_checkpoint_without_an_input_shape_is_an_mnist_one(tmp_path):
+    # Checkpoints written before configs recorded input_shape hold 28x28x1 models.
+    model_config = {"name": "mlp", "hidden": (8,), "num_classes": 10}
+    model = models.create(model_config)
+    params = models.init_params(model, jax.random.PRNGKey(0), (1, 28, 28, 1))
+    with ckpt.manager(tmp_path / "checkpoints") as mngr:
+        ckpt.save(mngr, 1, params=params, opt_state={"count": jnp.zeros((), jnp.int32)}, step=jnp.int32(0),
+                  rng=jax.random.PRNGKey(0), meta={"config": {"model": model_config}})
+    apply_fn, restored, restored_config = training.load_teacher(tmp_path)
+    assert tuple(restored_config["hidden"]) == (8,)
+    x = jnp.ones((2, 28, 28, 1))
+    np.testing.assert_array_equal(apply_fn(restored, x, train=False), model.apply(params, x, train=False))
+
+
+def test_a_run_without_a_test_split_trains_and_reports_what_it_has(tmp_path):
+    config = training.default_config()
+    config.model.hidden = (16,)
+    config.num_epochs, config.batch_size = 1, 25
+    results = training.run(config, tmp_path / "run", datasets={"train": _synthetic(100, 1)}, progress=True)
+    assert results["finished"] and "test" not in results and results["num_train"] == 100
