@@ -20,7 +20,9 @@ and of a signature's keyword-only marker. The score is
 killed / (mutants - skipped - equivalent); "skipped" are the operators
 outside ALLOWED.
 
-Writes results/mutation.json and results/mutation.md.
+Writes results/mutation.json and results/mutation.md, and copies each
+session's database to results/mutation/<name>/, from which a fresh checkout
+continues.
 
   python mutation/run.py                          # every session, two at a time
   python mutation/run.py --budget-s 3600          # at most an hour per session (resumable)
@@ -60,6 +62,10 @@ ALLOWED = (
 EXCLUDE = "core/(?!(?:" + "|".join(ALLOWED) + ")$)"
 
 COPIED = ("distill_jax", "tests", "experiments", "notebooks", "pyproject.toml")
+# Each session's results travel with the repository (results/mutation/<name>/),
+# so that another machine continues them instead of starting over.
+SAVED = REPO / "results" / "mutation"
+STATE_FILES = ("session.sqlite", "fingerprint_code", "fingerprint_tests", "baseline_s", "exec_s")
 
 # Mutants run many times over: fewer hypothesis examples (tests/conftest.py),
 # and the persistent XLA cache, so that only the mutated functions recompile.
@@ -147,6 +153,13 @@ def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]
     tree, config, db = root / "tree", root / "cosmic-ray.toml", root / "session.sqlite"
     code_stamp, tests_stamp = root / "fingerprint_code", root / "fingerprint_tests"
     code, tests = _fingerprints(session)
+    saved = SAVED / session["name"]
+    if not db.exists() and (saved / "session.sqlite").exists():
+        # Continue the results committed by an earlier machine (results/mutation/).
+        root.mkdir(parents=True, exist_ok=True)
+        for name in STATE_FILES:
+            if (saved / name).exists():
+                shutil.copy2(saved / name, root / name)
     if db.exists() and code_stamp.exists() and code_stamp.read_text() == _digest(["distill_jax"]):
         code_stamp.write_text(code)  # a stamp of the earlier whole-file digest, same code
     fresh = not (db.exists() and code_stamp.exists() and code_stamp.read_text() == code)
@@ -154,24 +167,22 @@ def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]
         shutil.rmtree(root, ignore_errors=True)
         tree.mkdir(parents=True)
     _write_config(session, config)  # the session's test list may have changed
+    # The tree is the repository's (a run killed mid-mutant leaves its module
+    # mutated; a checkout that continues saved results has no tree yet).
+    tree.mkdir(parents=True, exist_ok=True)
+    _copy_tree(tree)
+    shared = REPO.parent / "shared"  # the data loader looks for ../shared/data beside the repository
+    if shared.exists() and not (root / "shared").is_symlink():
+        (root / "shared").symlink_to(shared.resolve())
     if not fresh:
-        # A run killed mid-mutant leaves its module mutated: the code is the
-        # repository's (same fingerprint), so copy it back.
-        _copy_tree(tree, ("distill_jax",))
         if tests_stamp.read_text() != tests:
             # New or changed tests: the survivors are what new tests are
             # written for, so those re-run; killed mutants stay killed.
-            _copy_tree(tree, ("tests",))
             with sqlite3.connect(db) as con:
                 con.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
             tests_stamp.write_text(tests)
             print(f"{session['name']}: tests changed, survivors reset to pending", file=log, flush=True)
         return tree, config, db, False
-    _copy_tree(tree)
-    # The data loader looks for ../shared/data beside the repository.
-    shared = REPO.parent / "shared"
-    if shared.exists():
-        (root / "shared").symlink_to(shared.resolve())
     code_stamp.write_text(code)
     tests_stamp.write_text(tests)
     return tree, config, db, True
@@ -374,7 +385,21 @@ def session_report(session: dict, workdir: Path, equivalent: list[dict]) -> dict
     }
 
 
+def save_state(sessions: list[dict], workdir: Path) -> None:
+    for session in sessions:
+        root, saved = workdir / session["name"], SAVED / session["name"]
+        if (root / "session.sqlite").exists():
+            saved.mkdir(parents=True, exist_ok=True)
+            # sqlite's backup API: a consistent copy even while a session writes.
+            with sqlite3.connect(root / "session.sqlite") as src, sqlite3.connect(saved / "session.sqlite") as dst:
+                src.backup(dst)
+            for name in STATE_FILES[1:]:
+                if (root / name).exists():
+                    shutil.copy2(root / name, saved / name)
+
+
 def write_report(sessions: list[dict], workdir: Path) -> dict:
+    save_state(sessions, workdir)
     equivalent = _load_equivalent()
     reports = {s["name"]: r for s in sessions if (r := session_report(s, workdir, equivalent)) is not None}
     out = {"operators": list(ALLOWED), "sessions": reports}
