@@ -167,3 +167,30 @@ def test_the_shuffle_and_step_streams_are_distinct():
     # Epoch e's permutation and step e's dropout/jitter keys fold the same
     # base key; their stream tags keep them independent.
     assert steps._SHUFFLE_STREAM != steps._STEP_STREAM
+
+
+def test_an_epoch_donates_the_state_and_keeps_the_teacher():
+    # The jitted epoch reuses the state's buffers (donated), never the
+    # teacher's: the same teacher params serve every epoch.
+    from distill_jax import sharding
+
+    def step(state, teacher_params, batch):
+        update = jnp.mean(batch["image"]) * teacher_params["scale"]
+        new = state._replace(step=state.step + 1, params={"w": state.params["w"] + update})
+        return new, {"loss": update}
+
+    tx = optax.sgd(0.1)
+    data = {"image": jnp.arange(8.0).reshape(8, 1), "label": jnp.zeros(8, jnp.int32)}
+    teacher = {"scale": jnp.ones(())}
+    make_state = lambda: steps.create_train_state({"w": jnp.zeros(3)}, tx, jax.random.PRNGKey(0))
+    mesh = sharding.make_mesh("data=-1")
+    layout = sharding.make_layout(mesh, jax.eval_shape(make_state), "replicated", teacher, "replicated")
+    for epoch_fn in (steps.make_train_epoch(step, batch_size=4),
+                     sharding.make_sharded_train_epoch(step, batch_size=4, layout=layout)):
+        state = jax.device_put(make_state(), layout.state)
+        teacher_on_mesh = jax.device_put(teacher, layout.teacher)
+        for epoch in range(2):
+            old = state
+            state, _ = epoch_fn(state, teacher_on_mesh, data, np.asarray(epoch, np.int32))
+            assert old.params["w"].is_deleted() and not teacher_on_mesh["scale"].is_deleted()
+        np.testing.assert_allclose(state.params["w"], 2 * 2 * 3.5)  # 2 epochs x 2 steps x mean of 4 of 0..7

@@ -97,6 +97,11 @@ def test_bad_arguments_are_value_errors(params):
         G.SamplingConfig(temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         G.SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        G.SamplingConfig(top_p=1.5)
+    # A prompt plus completion of exactly max_len fits.
+    out = G.generate(CONFIG, params, jnp.ones((1, 8), jnp.int32), jax.random.key(0), G.SamplingConfig(max_new_tokens=8))
+    assert out.tokens.shape == (1, 8)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         G.SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_k"):

@@ -121,6 +121,8 @@ def test_load_datasets_applies_the_transfer_filters(monkeypatch):
     assert len(subset["train"].labels) == 30
     plain = loop.load_datasets(_config())
     assert len(plain["train"].labels) == 100 and len(plain["test"].labels) == 20 and "val" not in plain
+    bare = loop.load_datasets({"dataset": "mnist", "model": {"name": "mlp"}})  # a plain dict: every key optional
+    assert "val" not in bare and len(bare["train"].labels) == 100
     config = _config()
     config.val_size = 10
     split = loop.load_datasets(config)

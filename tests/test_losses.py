@@ -521,6 +521,10 @@ def test_other_bad_inputs():
         L.hint_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), kind="l1")
     with pytest.raises(ValueError, match="spatial"):
         L.attention_transfer(jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 5, 5, 3)))
+    with pytest.raises(ValueError, match="at least a batch and a channel axis"):
+        L.attention_transfer(jnp.ones((3,)), jnp.ones((3,)))
+    # [batch, channels] maps (no spatial axis) are one attention value each: loss 0.
+    np.testing.assert_allclose(L.attention_transfer(jnp.ones((3, 4)), 2 * jnp.ones((3, 5))), 0.0, atol=1e-7)
 
 
 # ---------------------------------------------------------------- masks on one side only

@@ -480,6 +480,12 @@ def test_spec_defaults_are_temperature_one_and_a_50_step_warmup():
     # Adam's normalized step is ~1, so each update's size is the learning rate of that step.
     np.testing.assert_allclose(sizes[25], 25 / 50, rtol=1e-3)
     np.testing.assert_allclose(sizes[50], 1.0, rtol=1e-3)
+    # ... and ends at a tenth of the peak.
+    short = S.OptimizerSpec(learning_rate=1.0, steps=60, warmup_steps=10, weight_decay=0.0, clip_norm=1e9).make()
+    state = short.init(params)
+    for _ in range(61):
+        update, state = short.update({"w": jnp.ones(3)}, state, params)
+    np.testing.assert_allclose(float(jnp.abs(update["w"][0])), 0.1, rtol=1e-3)
 
 
 def test_train_refuses_an_empty_dataset():
@@ -487,3 +493,14 @@ def test_train_refuses_an_empty_dataset():
     empty = {k: v[:0] for k, v in R.encode_problems([R.Problem(1, 2)]).items()}
     with pytest.raises(ValueError, match="no training rows"):
         S.train(config, empty, spec=S.LossSpec("sft"), optimizer=S.OptimizerSpec(steps=1), batch_size=2, seed=0)
+
+
+def test_generate_for_chunks_give_each_problem_its_own_greedy_completion():
+    config = tf.TransformerConfig(vocab_size=VOCAB, dim=16, depth=1, num_heads=2, num_kv_heads=1, mlp_dim=16, max_len=64)
+    params = tf.init_params(config, jax.random.key(5))
+    problems = [R.Problem(1, 2), R.Problem(34, 5), R.Problem(7, 80)]
+    length = R.max_prompt_len(2)
+    chunked = S.generate_for(config, params, problems, key=jax.random.key(0), max_new_tokens=6, batch_size=2, prompt_len=length)
+    alone = [S.generate_for(config, params, [p], key=jax.random.key(0), max_new_tokens=6, batch_size=2, prompt_len=length)[0]
+             for p in problems]
+    assert chunked == alone and len(chunked) == 3
