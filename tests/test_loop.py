@@ -123,6 +123,9 @@ def test_load_datasets_applies_the_transfer_filters(monkeypatch):
     assert len(plain["train"].labels) == 100 and len(plain["test"].labels) == 20 and "val" not in plain
     bare = loop.load_datasets({"dataset": "mnist", "model": {"name": "mlp"}})  # a plain dict: every key optional
     assert "val" not in bare and len(bare["train"].labels) == 100
+    # The split seed defaults to 0.
+    bare_subset = loop.load_datasets({"dataset": "mnist", "model": {"name": "mlp"}, "transfer": {"subset": 30}})
+    np.testing.assert_array_equal(bare_subset["train"].images, subset["train"].images)
     config = _config()
     config.val_size = 10
     split = loop.load_datasets(config)
@@ -146,6 +149,11 @@ def test_a_teacher_checkpoint_without_an_input_shape_is_an_mnist_one(tmp_path):
 def test_a_run_without_a_test_split_trains_and_reports_what_it_has(tmp_path):
     config = training.default_config()
     config.model.hidden = (16,)
-    config.num_epochs, config.batch_size = 1, 25
-    results = training.run(config, tmp_path / "run", datasets={"train": _synthetic(100, 1)}, progress=True)
-    assert results["finished"] and "test" not in results and results["num_train"] == 100
+    config.num_epochs, config.batch_size = 1, 25  # one step per epoch
+    results = training.run(config, tmp_path / "run", datasets={"train": _synthetic(25, 1)}, progress=True)
+    assert results["finished"] and "test" not in results and results["num_train"] == 25
+    for bad in ({"num_epochs": 0}, {"batch_size": 0}, {"batch_size": 26}):
+        wrong = training.default_config()
+        wrong.update(bad)
+        with pytest.raises(ValueError, match="must be >= 1|fewer than batch_size"):
+            training.run(wrong, tmp_path / "bad", datasets={"train": _synthetic(25, 1)}, progress=False)

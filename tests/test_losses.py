@@ -521,6 +521,8 @@ def test_other_bad_inputs():
         L.hint_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), kind="l1")
     with pytest.raises(ValueError, match="spatial"):
         L.attention_transfer(jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 5, 5, 3)))
+    u, v = np.random.default_rng(10).normal(size=(2, 2, 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(L.hint_loss(u, v), L.hint_loss(u, v, axis=-1))  # the default axis is the last
     with pytest.raises(ValueError, match="at least a batch and a channel axis"):
         L.attention_transfer(jnp.ones((3,)), jnp.ones((3,)))
     # [batch, channels] maps (no spatial axis) are one attention value each: loss 0.

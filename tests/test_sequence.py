@@ -504,3 +504,24 @@ def test_generate_for_chunks_give_each_problem_its_own_greedy_completion():
     alone = [S.generate_for(config, params, [p], key=jax.random.key(0), max_new_tokens=6, batch_size=2, prompt_len=length)[0]
              for p in problems]
     assert chunked == alone and len(chunked) == 3
+
+
+def test_cache_bytes_count_the_k_slots_of_a_token():
+    cache = {"teacher_top_values": np.zeros((5, 7, 2), np.float32), "teacher_top_indices": np.zeros((5, 7, 2), np.int32)}
+    assert S.cache_bytes_per_token(cache) == 2 * (4 + 4)
+    cache16 = {"teacher_top_values": np.zeros((5, 7, 3), np.float16), "teacher_top_indices": np.zeros((5, 7, 3), np.int32)}
+    assert S.cache_bytes_per_token(cache16) == 3 * (2 + 4)
+
+
+def test_train_logs_every_nth_step_and_the_last_and_donates_its_state():
+    config = tf.TransformerConfig(vocab_size=VOCAB, dim=8, depth=1, num_heads=2, num_kv_heads=1, mlp_dim=8, max_len=32)
+    data = R.encode_problems([R.Problem(1, 2), R.Problem(3, 4)])
+    optimizer = S.OptimizerSpec(steps=5, warmup_steps=0)
+    _, history = S.train(config, data, spec=S.LossSpec("sft"), optimizer=optimizer, batch_size=2, seed=0, log_every=3)
+    assert [i for i, _ in history["loss"]] == [0, 3, 4]
+    step = S.make_lm_train_step(config, S.LossSpec("sft"), optimizer, ())
+    state = S.init_train_state(config, optimizer, 0)
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    new_state, _ = step(state, batch, ())
+    assert jax.tree_util.tree_leaves(state.params)[0].is_deleted()
+    assert not jax.tree_util.tree_leaves(new_state.params)[0].is_deleted()
