@@ -179,7 +179,11 @@ def _prepare(session: dict, workdir: Path, log) -> tuple[Path, Path, Path, bool]
             # New or changed tests: the survivors are what new tests are
             # written for, so those re-run; killed mutants stay killed.
             with sqlite3.connect(db) as con:
+                survivors = [row[0] for row in con.execute("SELECT job_id FROM work_results WHERE test_outcome = 'SURVIVED'")]
                 con.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+            # They were part of the random prefix already done: re-run them
+            # first, so that the done mutants stay a prefix of the order.
+            (root / "rerun_first").write_text("\n".join(survivors))
             tests_stamp.write_text(tests)
             print(f"{session['name']}: tests changed, survivors reset to pending", file=log, flush=True)
         return tree, config, db, False
@@ -233,6 +237,9 @@ def execute(db_path: Path, config_path: Path, budget_s: float | None) -> None:
     with use_db(str(db_path), WorkDB.Mode.open) as work_db:
         order = sorted(work_db.work_items, key=lambda item: item.job_id)
         random.Random(0).shuffle(order)
+        rerun = db_path.parent / "rerun_first"
+        first = set(rerun.read_text().split()) if rerun.exists() else set()
+        order = [i for i in order if i.job_id in first] + [i for i in order if i.job_id not in first]
         pending = {item.job_id for item in work_db.pending_work_items}
         for item in (i for i in order if i.job_id in pending):
             if budget_s and time.perf_counter() - started > budget_s:
