@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 import reasoning_r1  # noqa: E402
 
 from distill_jax import generation  # noqa: E402
-from distill_jax.data import reasoning  # noqa: E402
+from distill_jax.proj.reasoning import task as reasoning  # noqa: E402
 from distill_jax.models.transformer import TransformerConfig, init_params, num_params  # noqa: E402
 
 

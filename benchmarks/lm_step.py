@@ -38,8 +38,8 @@ def measure(steps: int, batch_size: int) -> dict:
     sys.path.insert(0, str(REPO / "experiments"))
     import reasoning_r1
 
-    from distill_jax import reasoning_study
-    from distill_jax.training import sequence as seq
+    from distill_jax.proj.reasoning import study as reasoning_study
+    from distill_jax.proj.reasoning import sequence as seq
 
     config = reasoning_r1.get_config("full")
     task = reasoning_study._Task(config)

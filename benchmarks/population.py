@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax import data as data_lib
-from distill_jax import hinton, models, training
+from distill_jax import models, training
+from distill_jax.proj.hinton import full as hinton
 from distill_jax.training import population
 
 REPO = Path(__file__).resolve().parents[1]

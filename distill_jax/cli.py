@@ -108,21 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = fv.config
     if command == "reproduce-full":
-        from distill_jax import hinton
+        from distill_jax.proj.hinton import full
 
-        hinton.run_study(config, runs_root=Path(fv.runs), results_dir=Path(fv.results), progress=fv.progress)
+        full.run_study(config, runs_root=Path(fv.runs), results_dir=Path(fv.results), progress=fv.progress)
         return 0
     if command == "reproduce-reasoning":
-        from distill_jax import reasoning_study
+        from distill_jax.proj.reasoning import study as reasoning_study
 
         reasoning_study.run_reasoning_study(
             config, results_dir=Path(fv.results), runs_root=Path(fv.runs), progress=fv.progress
         )
         return 0
     if command == "reproduce":
-        from distill_jax import studies
+        from distill_jax.proj.hinton import stages
 
-        studies.run_study(config, runs_root=Path(fv.runs), results_dir=Path(fv.results), progress=fv.progress)
+        stages.run_stages(config, runs_root=Path(fv.runs), results_dir=Path(fv.results), progress=fv.progress)
         return 0
     if fv.workdir is None:
         print(f"{command}: --workdir is required.", file=sys.stderr)
@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if jax.process_index() == 0:  # one line per run, not one per process
-        print(json.dumps({k: results[k] for k in ("epochs", "wall_time_s")} | {"test_errors": results["test"]["errors"]}))
+        line = {k: results[k] for k in ("epochs", "wall_time_s")}
+        test = results.get("test", {})
+        line |= {"test_errors": test["errors"]} if "errors" in test else {f"test_{k}": v for k, v in test.items()}
+        print(json.dumps(line))
     return 0
 
 

@@ -22,12 +22,18 @@ A term may be
   temperature=4.0)``;
 * a loss that also takes ``labels`` (e.g. ``decoupled_kd``): it gets
   ``batch["label"]``;
+* a loss of ``(student_logits, teacher_top_values, teacher_top_indices)``
+  (``top_k_kd``), when the teacher's outputs are a cached top-k pair;
 * a function marked with :func:`objective_term`, called as
   ``fn(student_outputs, teacher_outputs, batch)`` (e.g. :func:`cross_entropy`).
 
 Weights, and any keyword bound with ``functools.partial`` (a temperature,
 DKD's beta, ...), may be optax schedules: functions of the step, evaluated at
 the ``step`` the objective is called with.
+
+With a ``"mask"`` in the batch (per example, or per token of a language
+model), losses get ``where=mask[..., None]``: masked-out entries take no
+part and are exactly 0, and the metrics average over the kept ones.
 """
 
 from __future__ import annotations
@@ -133,9 +139,15 @@ def _as_term(fn: Callable) -> Callable:
                 f"term {fn!r} needs teacher outputs but got None; pass teacher "
                 "logits or use cross_entropy alone for supervised training."
             )
+        extra = {}
+        if isinstance(batch, Mapping) and batch.get("mask") is not None:
+            # Masked-out examples or tokens take no part (and give exactly 0).
+            extra["where"] = jnp.asarray(batch["mask"]) > 0
+            extra["where"] = extra["where"][..., None]
         if takes_labels:
-            return call(student, teacher, labels=batch["label"])
-        return call(student, teacher)
+            extra["labels"] = batch["label"]
+        teacher = teacher if isinstance(teacher, tuple) else (teacher,)  # a top-k cache is (values, indices)
+        return call(student, *teacher, **extra)
 
     return term
 
@@ -207,6 +219,7 @@ LOSSES: dict[str, Callable] = {
     "generalized_jsd": losses.generalized_jsd,
     "logit_mse": losses.logit_mse,
     "decoupled_kd": losses.decoupled_kd,
+    "top_k_kd": losses.top_k_kd,
 }
 
 

@@ -1,4 +1,4 @@
-"""Sharding across devices and hosts: meshes, partition rules, sharded data and epochs.
+"""Sharding across devices and hosts: meshes, partition rules, sharded data.
 
 The run loop (:func:`distill_jax.training.run`) lays everything out on a
 device mesh built from ``config.mesh``:
@@ -14,8 +14,12 @@ device mesh built from ``config.mesh``:
   ``"replicated"``, ``"fsdp"`` and ``"tensor"`` expand into such rules for a
   given params tree; teacher and student have their own rules.
 * Optimizer state mirrors the student's parameters; batches are split over
-  the data axes; :func:`make_sharded_train_epoch` jits the scanned epoch of
-  :mod:`distill_jax.training.steps` with explicit in/out shardings.
+  the data axes; :func:`distill_jax.training.steps.make_train_epoch` jits
+  the scanned epoch with explicit in/out shardings from a
+  :class:`~distill_jax.training.steps.Layout` built of these pieces.
+
+This module knows meshes, specs and arrays only; it imports nothing of
+``distill_jax``, so any training code (ours or a notebook's) can use it.
 
 A single device is the same code on a 1-device mesh.
 
@@ -45,11 +49,10 @@ updates, up to float reassociation in cross-device sums).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -496,68 +499,18 @@ def gather_to_host(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(get, tree)
 
 
-# ------------------------------------------------------------------ the sharded epoch
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where everything of a distillation run lives on ``mesh``."""
-
-    mesh: Mesh
-    state: Any  # TrainState of NamedSharding
-    teacher: PyTree | None  # teacher params' NamedShardings (None: no teacher)
-
-    @property
-    def data(self) -> NamedSharding:
-        return row_sharding(self.mesh)
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return replicated(self.mesh)
-
-
-def make_layout(mesh: Mesh, state_like: Any, student_rules, teacher_params: PyTree | None = None, teacher_rules=None) -> Layout:
-    """The :class:`Layout` of a ``TrainState`` (arrays or ShapeDtypeStructs) and teacher params under the rules."""
-    student = param_shardings(state_like.params, student_rules, mesh)
-    teacher = None if teacher_params is None else param_shardings(teacher_params, teacher_rules, mesh)
-    return Layout(mesh, train_state_shardings(state_like, student, mesh), teacher)
-
-
-def make_sharded_train_epoch(step: Callable, *, batch_size: int, layout: Layout, num_examples: int | None = None) -> Callable:
-    """``make_train_epoch`` on ``layout.mesh``: explicit in/out shardings, donated state, batches split over the data axes.
-
-    ``num_examples``: the real number of training examples when the data
-    arrays carry padding rows (see :func:`shard_rows`); padding is never drawn.
-    """
-    from distill_jax.training.steps import EpochShardings, make_train_epoch
-
-    k = num_data_shards(layout.mesh)
-    if batch_size % k:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by the {k} data shards of mesh "
-            f"{dict(layout.mesh.shape)}; choose a multiple of {k}."
-        )
-    shardings = EpochShardings(
-        state=layout.state, teacher=layout.teacher, data=layout.data, batch=layout.data, metrics=layout.replicated
-    )
-    return make_train_epoch(step, batch_size=batch_size, shardings=shardings, num_examples=num_examples)
-
-
 __all__ = [
     "AXES",
     "DATA_AXES",
     "DEFAULT_MESH",
     "PRESETS",
-    "Layout",
     "batch_spec",
     "count_nonfinite",
     "data_axes",
     "fit_spec",
     "from_process_rows",
     "gather_to_host",
-    "make_layout",
     "make_mesh",
-    "make_sharded_train_epoch",
     "num_data_shards",
     "opt_state_shardings",
     "padded_num_rows",

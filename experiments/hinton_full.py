@@ -17,7 +17,7 @@ examples, one epoch: what `make test` runs).
 
 import ml_collections
 
-from distill_jax import recipes
+from distill_jax.proj.hinton import recipes
 
 
 def get_config(profile: str = "full") -> ml_collections.ConfigDict:
@@ -32,12 +32,9 @@ def get_config(profile: str = "full") -> ml_collections.ConfigDict:
     # average with "a considerably lower weight on the second objective".
     c.hard_weight = 0.1
     # Per dataset: (teacher epochs, student epochs). MNIST gets the larger
-    # budget: its teachers were still improving after 40 epochs (99.3 test
-    # errors over 3 seeds, with the input dropout the recipe then had) and
-    # reached 86.3 after 100; 72.3 without input dropout. Its T=20 students
-    # made 95.7 errors after 20 epochs and 89.7 after 40 (RESULTS.md).
-    # Fashion-MNIST is the second column, on a shorter schedule so that it
-    # fits a session of this 2-core CPU.
+    # budget, as its teachers and students still improved with more epochs;
+    # Fashion-MNIST's shorter one fits a session of a 2-core CPU (RESULTS.md,
+    # "Why the recipes are what they are").
     c.epochs = ml_collections.ConfigDict({"mnist": (100, 40), "fashion_mnist": (12, 8)})
     c.teacher = recipes.hinton_teacher(100)
     # The study trains for c.epochs; the student recipe's own num_epochs (20)

@@ -9,7 +9,7 @@ Argument "smoke" gives a tiny version for tests:
 
 import ml_collections
 
-from distill_jax import recipes
+from distill_jax.proj.hinton import recipes
 
 
 def get_config(profile: str = "quick") -> ml_collections.ConfigDict:

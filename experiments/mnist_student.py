@@ -8,7 +8,7 @@
 targets (the weight used by experiments/hinton_full.py).
 """
 
-from distill_jax import recipes
+from distill_jax.proj.hinton import recipes
 
 
 def get_config(kind: str = "distill"):

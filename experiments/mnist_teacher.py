@@ -3,7 +3,7 @@
   python -m distill_jax train-teacher --config=experiments/mnist_teacher.py --workdir=runs/teacher
 """
 
-from distill_jax import recipes
+from distill_jax.proj.hinton import recipes
 
 
 def get_config():

@@ -14,7 +14,8 @@ JOBS.json: ``{"jobs": [...], "distributed": {...}?}``. A job is
 (a checkpoint's params restored onto this process's mesh) or
 ``{"kind": "layout", ...}`` (a train state laid out by the rules) or
 ``{"kind": "teacher", ...}`` (a teacher restored into its layout) or
-``{"kind": "visits", ...}`` (the example ids one sharded epoch draws). Results
+``{"kind": "visits", ...}`` (the example ids one sharded epoch draws) or
+``{"kind": "lm_run", ...}`` (``training.run`` of a language model). Results
 are written as JSON to ``jobs["results"]`` (+ ``.<process id>``) and params
 as ``.npz`` files; they are compared with single-device runs by the test.
 """
@@ -84,7 +85,7 @@ def write_teacher(workdir, seed: int = 0) -> Path:
 
 def student_config(teacher_dir: str, *, epochs: int = 2, mesh: str = "data=-1", teacher_partition: str = "replicated",
                    student_partition: str = "replicated", cache_teacher: str = "false", jitter: int = 0):
-    from distill_jax import recipes
+    from distill_jax.proj.hinton import recipes
 
     c = recipes.hinton_student(epochs, temperature=4.0, hidden=STUDENT_HIDDEN, hard_weight=0.5,
                                teacher_checkpoint=str(teacher_dir))
@@ -199,6 +200,7 @@ def _layout_job(job: dict) -> dict:
 
     from distill_jax import models, sharding
     from distill_jax.training import create_train_state, make_optimizer
+    from distill_jax.training.steps import make_layout
 
     mesh = sharding.make_mesh(job["mesh"])
     model = models.create({"name": "mlp", "hidden": tuple(job.get("hidden", STUDENT_HIDDEN))})
@@ -208,7 +210,7 @@ def _layout_job(job: dict) -> dict:
         return create_train_state(models.init_params(model, jax.random.PRNGKey(0), (1, 28, 28, 1)), tx,
                                    jax.random.PRNGKey(1))
 
-    layout = sharding.make_layout(mesh, jax.eval_shape(init), job["rules"])
+    layout = make_layout(mesh, jax.eval_shape(init), job["rules"])
     state = jax.jit(init, out_shardings=layout.state)()
     rows = sharding.shard_rows(np.zeros((NUM_TRAIN + 3, 4), np.float32), mesh)
     return {
@@ -242,7 +244,7 @@ def _visits_job(job: dict) -> dict:
     import jax.numpy as jnp
 
     from distill_jax import sharding
-    from distill_jax.training.steps import TrainState
+    from distill_jax.training.steps import TrainState, make_layout, make_train_epoch
 
     mesh = sharding.make_mesh(job["mesh"])
     num_rows, batch = job["num_rows"], job["batch_size"]
@@ -257,8 +259,8 @@ def _visits_job(job: dict) -> dict:
         drawn = jnp.full(padded, -1, jnp.int32)
         return TrainState(jnp.asarray(0, jnp.int32), drawn, (), jax.random.PRNGKey(job["seed"]))
 
-    layout = sharding.make_layout(mesh, jax.eval_shape(init), "replicated")
-    epoch_fn = sharding.make_sharded_train_epoch(step, batch_size=batch, layout=layout, num_examples=num_rows)
+    layout = make_layout(mesh, jax.eval_shape(init), "replicated")
+    epoch_fn = make_train_epoch(step, batch_size=batch, layout=layout, num_examples=num_rows)
     state = jax.jit(init, out_shardings=layout.state)()
     state, _ = epoch_fn(state, None, {"label": ids}, np.asarray(job["epoch"], np.int32))
     drawn = np.asarray(sharding.gather_to_host(state.params))[: int(state.step) * batch]
@@ -266,12 +268,43 @@ def _visits_job(job: dict) -> dict:
             "drawn": drawn.tolist()}
 
 
+def lm_config(profile: str, **overrides):
+    """experiments/lm_arithmetic.py's smoke profile with SGD (see OPTIMIZER) and ``overrides`` (dotted keys)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_arithmetic", Path(__file__).resolve().parent.parent / "experiments" / "lm_arithmetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(f"{profile},smoke")
+    c.optimizer.update(OPTIMIZER)
+    c.optimizer.learning_rate = 0.3
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return c
+
+
+def _lm_run_job(job: dict) -> dict:
+    """``training.run`` of a language-model config on this process's mesh."""
+    from distill_jax import training
+
+    config = lm_config(job["profile"], **job.get("config", {}))
+    results = training.run(config, job["workdir"], progress=False)
+    if job.get("npz"):
+        _save(job["npz"], results["params"])
+    return {"mesh": results["mesh"], "epochs": results["epochs"], "specs": _specs(results["params"]),
+            "test": results["test"]}
+
+
 def get_config(arg: str = ""):
     """Lets the CLI load this file: ``--config=tests/sharding_worker.py`` (overrides by flags)."""
     return student_config(arg)
 
 
-JOBS = {"run": _run_job, "cli": _cli_job, "restore": _restore_job, "layout": _layout_job, "teacher": _teacher_job,
+JOBS = {"run": _run_job, "lm_run": _lm_run_job, "cli": _cli_job, "restore": _restore_job, "layout": _layout_job, "teacher": _teacher_job,
         "visits": _visits_job}
 
 

@@ -113,11 +113,17 @@ def _step_inputs(seed=0):
     return tx, state, batch
 
 
+def _jitter2(key, batch):
+    from distill_jax.data import jitter
+
+    return {**batch, "image": jitter(key, batch["image"], 2)}
+
+
 def test_the_teacher_sees_the_jittered_images_the_student_sees():
     tx, state, batch = _step_inputs()
     teacher_params = {"w": jnp.asarray(2.0)}
     step = jax.jit(training.make_train_step(_linear, tx, _exposing_objective, teacher_apply=_linear,
-                                            jitter_max_shift=2))
+                                            batch_transform=_jitter2))
     new_state, m = step(state, teacher_params, batch)
     raw = np.asarray(batch["image"]).reshape(6, -1)
     # The student's inputs are jittered (some pixel shifted in as zero) ...
@@ -184,9 +190,9 @@ def test_an_epoch_donates_the_state_and_keeps_the_teacher():
     teacher = {"scale": jnp.ones(())}
     make_state = lambda: steps.create_train_state({"w": jnp.zeros(3)}, tx, jax.random.PRNGKey(0))
     mesh = sharding.make_mesh("data=-1")
-    layout = sharding.make_layout(mesh, jax.eval_shape(make_state), "replicated", teacher, "replicated")
+    layout = steps.make_layout(mesh, jax.eval_shape(make_state), "replicated", teacher, "replicated")
     for epoch_fn in (steps.make_train_epoch(step, batch_size=4),
-                     sharding.make_sharded_train_epoch(step, batch_size=4, layout=layout)):
+                     steps.make_train_epoch(step, batch_size=4, layout=layout)):
         state = jax.device_put(make_state(), layout.state)
         teacher_on_mesh = jax.device_put(teacher, layout.teacher)
         for epoch in range(2):
@@ -194,3 +200,21 @@ def test_an_epoch_donates_the_state_and_keeps_the_teacher():
             state, _ = epoch_fn(state, teacher_on_mesh, data, np.asarray(epoch, np.int32))
             assert old.params["w"].is_deleted() and not teacher_on_mesh["scale"].is_deleted()
         np.testing.assert_allclose(state.params["w"], 2 * 2 * 3.5)  # 2 epochs x 2 steps x mean of 4 of 0..7
+
+
+def test_the_student_trains_with_dropout_drawn_from_the_step_key():
+    from distill_jax import models, objectives
+
+    model = models.create({"name": "mlp", "hidden": (16,), "hidden_dropout": 0.5})
+    params = models.init_params(model, jax.random.PRNGKey(0), (1, 4, 4, 1))
+    tx = optax.sgd(0.1)
+    step = jax.jit(training.make_train_step(model.apply, tx, objectives.supervised()))
+    batch = {"image": jax.random.uniform(jax.random.PRNGKey(1), (8, 4, 4, 1)), "label": jnp.arange(8) % 10}
+    losses = []
+    for seed in (0, 1):
+        state = training.create_train_state(params, tx, jax.random.PRNGKey(seed))
+        _, metrics = step(state, None, batch)
+        losses.append(float(metrics["loss"]))
+    # Without dropout the loss would not depend on the run's key; with it, the masks differ.
+    clean = float(objectives.supervised()(model.apply(params, batch["image"], train=False), None, batch)[1]["loss"])
+    assert losses[0] != losses[1] and clean not in losses

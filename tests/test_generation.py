@@ -267,3 +267,9 @@ def test_top_p_keeps_the_most_likely_tokens(logits, top_p, temperature):
         probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
         mass = np.sort(probs)[::-1].cumsum()
         assert np.min(np.abs(mass - top_p)) < 1e-5, (kept, want)
+
+
+def test_too_long_prompts_are_refused_with_their_own_length(params):
+    # Three prompts of 10 tokens: the message names the length (10), not the batch size (3).
+    with pytest.raises(ValueError, match=r"prompt length 10 \+ max_new_tokens 8 = 18 exceeds the model's max_len=16"):
+        G.generate(CONFIG, params, jnp.ones((3, 10), jnp.int32), jax.random.key(0), G.SamplingConfig(max_new_tokens=8))

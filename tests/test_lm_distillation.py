@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.data import reasoning as R
+from distill_jax.proj.reasoning import task as R
 from distill_jax.models import transformer as tf
-from distill_jax.training import sequence as S
+from distill_jax.proj.reasoning import sequence as S
 
 VOCAB = R.TOKENIZER.vocab_size
 LENGTH = R.max_prompt_len(1) + R.max_completion_len(1)

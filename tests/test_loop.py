@@ -1,5 +1,6 @@
 """Pieces of training.loop: make_optimizer against the update rules written out by hand, datasets, teachers (fast, no MNIST)."""
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -152,8 +153,50 @@ def test_a_run_without_a_test_split_trains_and_reports_what_it_has(tmp_path):
     config.num_epochs, config.batch_size = 1, 25  # one step per epoch
     results = training.run(config, tmp_path / "run", datasets={"train": _synthetic(25, 1)}, progress=True)
     assert results["finished"] and "test" not in results and results["num_train"] == 25
-    for bad in ({"num_epochs": 0}, {"batch_size": 0}, {"batch_size": 26}):
+    for bad, message in (({"num_epochs": 0}, "must be >= 1"), ({"batch_size": 0}, "must be >= 1"),
+                         ({"batch_size": 26}, "25 examples, fewer than batch_size=26")):
         wrong = training.default_config()
+        wrong.model.hidden = (16,)
+        wrong.batch_size = 25
         wrong.update(bad)
-        with pytest.raises(ValueError, match="must be >= 1|fewer than batch_size"):
+        with pytest.raises(ValueError, match=message):
             training.run(wrong, tmp_path / "bad", datasets={"train": _synthetic(25, 1)}, progress=False)
+
+
+def test_a_one_step_cosine_schedule_reaches_its_end_value_after_that_step():
+    tx = make_optimizer(_sgd(schedule="cosine", final_lr_fraction=0.5), 1, 1)
+    state = tx.init(PARAMS)
+    first, state = tx.update(GRAD, state, PARAMS)
+    second, _ = tx.update(GRAD, state, PARAMS)
+    np.testing.assert_allclose(first["w"], -0.1 * np.asarray(GRAD["w"]), rtol=1e-6)
+    np.testing.assert_allclose(second["w"], -0.05 * np.asarray(GRAD["w"]), rtol=1e-6)
+
+
+def test_transfer_filters_check_classes_against_ten_by_default(monkeypatch):
+    monkeypatch.setattr(data_lib, "load_split", lambda name, split, **kw: _synthetic(100 if split == "train" else 20, 0))
+    with pytest.raises(ValueError, match=r"class ids \[10\] out of range \[0, 10\)"):
+        loop.load_datasets({"dataset": "mnist", "model": {"name": "mlp"}, "transfer": {"drop_classes": [10]}})
+
+
+def _plain_config(**changes):
+    config = json.loads(training.default_config().to_json_best_effort())
+    config["model"]["hidden"] = [8]
+    config.update(num_epochs=4, batch_size=25, **changes)
+    return config
+
+
+def test_a_plain_config_without_checkpoint_every_saves_every_epoch_and_keeps_the_last_two(tmp_path):
+    config = _plain_config()
+    del config["checkpoint_every"]
+    training.run(config, tmp_path, datasets={"train": _synthetic(50, 1)}, progress=False)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
+
+
+def test_resuming_may_change_the_checkpoint_rhythm_and_the_mesh_but_not_the_training(tmp_path):
+    data = {"train": _synthetic(50, 1)}
+    training.run(_plain_config(), tmp_path, datasets=data, progress=False, stop_after_epochs=1)
+    resumed = training.run(_plain_config(checkpoint_every=3, progress=False, mesh="data=1"), tmp_path,
+                           datasets=data, progress=False, resume=True, stop_after_epochs=1)
+    assert resumed["epochs"] == 2
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"seed: stored 0 vs now 1"):
+        training.run(_plain_config(seed=1), tmp_path, datasets=data, progress=False, resume=True)

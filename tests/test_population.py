@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from distill_jax import hinton, models, objectives, training
+from distill_jax import models, objectives, training
+from distill_jax.proj.hinton import full as hinton
 from distill_jax.training import population
 
 NUM_CLASSES = 10

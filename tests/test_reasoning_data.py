@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distill_jax.data import reasoning as R
+from distill_jax.proj.reasoning import task as R
 
 
 problems = st.one_of(

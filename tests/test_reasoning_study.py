@@ -1,4 +1,4 @@
-"""The reasoning-distillation study's tiny profile, end to end through the CLI (every row's code path)."""
+"""The reasoning-distillation study's smoke profile, end to end through the CLI (every row's code path)."""
 
 import json
 import os
@@ -9,28 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill_jax import reasoning_study
+from distill_jax.proj.reasoning import study as reasoning_study
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parent.parent
-# The tiny study compiles ~15 small programs; XLA's cheaper CPU optimization
+# The smoke study compiles ~15 small programs; XLA's cheaper CPU optimization
 # levels cut its compile time about 4x (set in the child: XLA reads them at start).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _study(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "distill_jax", "reproduce-reasoning", "--config=experiments/reasoning_r1.py:tiny",
+    cmd = [sys.executable, "-m", "distill_jax", "reproduce-reasoning", "--config=experiments/reasoning_r1.py:smoke",
            f"--results={tmp_path / 'results'}", f"--runs={tmp_path / 'runs'}", "--noprogress", *overrides]
     env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_tiny_reasoning_study_runs_every_row_and_writes_table_json_and_plot(tmp_path):
+def test_smoke_reasoning_study_runs_every_row_and_writes_table_json_and_plot(tmp_path):
     # Two seeds in two worker processes: the path the full profile takes.
     two_seeds = ["--config.seeds=(0,1)", "--config.workers=2"]
     out = _study(tmp_path, *two_seeds)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((tmp_path / "results" / "reasoning_r1_tiny.json").read_text())
+    summary = json.loads((tmp_path / "results" / "reasoning_r1_smoke.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["workers"] == 2
     assert all(t > 0 for t in summary["seed_wall_time_s"])
     rows = summary["rows"]
@@ -44,22 +44,22 @@ def test_tiny_reasoning_study_runs_every_row_and_writes_table_json_and_plot(tmp_
     assert rows["tokenkd_top2"]["cache_bytes_per_token"]["mean"] == 16
     rejection = summary["rejection_sampling"]["a"]
     assert 0.0 <= rejection["acceptance_rate"]["mean"] <= 1.0
-    # seq-KD rows exist exactly when the tiny teacher got a verified sample.
+    # seq-KD rows exist exactly when the smoke teacher got a verified sample.
     assert ("seqkd" in rows) == (rejection["kept_unique"]["mean"] > 0)
-    table = (tmp_path / "results" / "reasoning_r1_tiny.md").read_text()
+    table = (tmp_path / "results" / "reasoning_r1_smoke.md").read_text()
     assert "| student, GT answers only |" in table and table in out.stdout
     if any(r["curve"] for r in summary["per_seed"]):
-        assert (tmp_path / "results" / "reasoning_r1_tiny_samples.png").stat().st_size > 0
-    _check_consistency(summary, table, tmp_path / "runs" / "reasoning_r1_tiny")
+        assert (tmp_path / "results" / "reasoning_r1_smoke_samples.png").stat().st_size > 0
+    _check_consistency(summary, table, tmp_path / "runs" / "reasoning_r1_smoke")
 
     # Finished seeds are saved and reused: a re-run trains nothing and gives the same rows.
-    seed_files = sorted((tmp_path / "runs" / "reasoning_r1_tiny").glob("seed*.json"))
+    seed_files = sorted((tmp_path / "runs" / "reasoning_r1_smoke").glob("seed*.json"))
     assert [f.name for f in seed_files] == ["seed0.json", "seed1.json"]
     stamps = [f.stat().st_mtime_ns for f in seed_files]
     again = _study(tmp_path, *two_seeds)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [f.stat().st_mtime_ns for f in seed_files] == stamps
-    resumed = json.loads((tmp_path / "results" / "reasoning_r1_tiny.json").read_text())
+    resumed = json.loads((tmp_path / "results" / "reasoning_r1_smoke.json").read_text())
     assert resumed["rows"] == rows and resumed["seed_wall_time_s"] == summary["seed_wall_time_s"]
 
     # The same study name with another config is refused before any training.

@@ -10,9 +10,9 @@ import pytest
 
 from distill_jax import generation as G
 from distill_jax import losses
-from distill_jax.data import reasoning as R
+from distill_jax.proj.reasoning import task as R
 from distill_jax.models import transformer as tf
-from distill_jax.training import sequence as S
+from distill_jax.proj.reasoning import sequence as S
 
 VOCAB = R.TOKENIZER.vocab_size
 SPECS = {
@@ -525,3 +525,31 @@ def test_train_logs_every_nth_step_and_the_last_and_donates_its_state():
     new_state, _ = step(state, batch, ())
     assert jax.tree_util.tree_leaves(state.params)[0].is_deleted()
     assert not jax.tree_util.tree_leaves(new_state.params)[0].is_deleted()
+
+
+def test_beta_below_zero_is_refused():
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\], got -0.5"):
+        S.LossSpec("gkd", beta=-0.5)
+    assert S.LossSpec("gkd", beta=0.0).beta == 0.0
+
+
+def test_a_one_step_schedule_with_a_long_warmup_still_updates():
+    # warmup is capped at steps - 1 = 0: the single step runs at the peak rate, not at 0.
+    tx = S.OptimizerSpec(learning_rate=0.1, steps=1, warmup_steps=50, weight_decay=0.0, clip_norm=1e9).make()
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    assert np.all(np.asarray(updates["w"]) < -0.05)
+
+
+def test_generate_for_gives_one_sample_by_default_and_num_samples_each_otherwise():
+    config = tf.TransformerConfig(vocab_size=VOCAB, dim=16, depth=1, num_heads=2, num_kv_heads=1, mlp_dim=16, max_len=64)
+    params = tf.init_params(config, jax.random.key(5))
+    problems = [R.Problem(1, 2), R.Problem(34, 5), R.Problem(7, 80)]
+    one = S.generate_for(config, params, problems, key=jax.random.key(0), max_new_tokens=6, batch_size=4)
+    assert [len(samples) for samples in one] == [1, 1, 1]
+    three = S.generate_for(config, params, problems, key=jax.random.key(0), max_new_tokens=6, batch_size=4,
+                           num_samples=3, temperature=1.0)
+    assert [len(samples) for samples in three] == [3, 3, 3]
+    # Greedy samples of one problem are its greedy completion, whatever the repetition.
+    greedy3 = S.generate_for(config, params, problems, key=jax.random.key(0), max_new_tokens=6, batch_size=4, num_samples=3)
+    assert all(samples == [first[0]] * 3 for samples, first in zip(greedy3, one))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from distill_jax import data as data_lib
-from distill_jax import models, recipes, training
-from distill_jax import sharding as sharding_lib
+from distill_jax import models, training
+from distill_jax.proj.hinton import recipes
 from distill_jax.training import checkpoint as ckpt
+from distill_jax.training import loop as loop_lib
 
 pytestmark = pytest.mark.slow
 
@@ -127,9 +128,9 @@ def test_resume_after_a_crash_between_checkpoints_redoes_the_lost_epochs(
     full = training.run(every_epoch, tmp_path / "full", datasets=small_mnist, progress=False)
 
     # The run dies during epoch 4: epoch 3 is in metrics.jsonl but its last checkpoint is epoch 2.
-    # (The loop builds its jitted epoch with sharding.make_sharded_train_epoch; the wrapper
+    # (The loop builds its jitted epoch with steps.make_train_epoch; the wrapper
     # also keeps a host copy of the params after each epoch.)
-    real_epoch_fn = sharding_lib.make_sharded_train_epoch
+    real_epoch_fn = loop_lib.make_train_epoch
     after_epoch = {}
 
     def crashing(*args, **kwargs):
@@ -144,7 +145,7 @@ def test_resume_after_a_crash_between_checkpoints_redoes_the_lost_epochs(
 
         return wrapped
 
-    monkeypatch.setattr(sharding_lib, "make_sharded_train_epoch", crashing)
+    monkeypatch.setattr(loop_lib, "make_train_epoch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         training.run(config, tmp_path / "crashed", datasets=small_mnist, progress=False)
     monkeypatch.undo()

@@ -225,7 +225,8 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, valid: Array | None = None, cache: Cache | None = None):
+    def __call__(self, tokens: Array, valid: Array | None = None, cache: Cache | None = None, train: bool = False):
+        del train  # no dropout; taken so every model is called the same way (distill_jax.models)
         c = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
@@ -307,13 +308,16 @@ LOGICAL_AXIS_RULES: dict[str, tuple[tuple[str, str | None], ...]] = {
 }
 
 
-def partition_rules(config: TransformerConfig, strategy: str | tuple = "tensor") -> list[tuple[str, PartitionSpec]]:
+def partition_rules(
+    config: TransformerConfig, strategy: str | tuple = "tensor", *, prefix: str = ""
+) -> list[tuple[str, PartitionSpec]]:
     """``(regex, PartitionSpec)`` rules for :func:`distill_jax.sharding.param_shardings`.
 
     ``strategy`` is a key of :data:`LOGICAL_AXIS_RULES` or explicit
     ``((logical, mesh_axis), ...)`` pairs. One exact-path rule per parameter,
     then a catch-all ``(".*", P())``; dimensions the mesh does not divide are
-    replicated by the sharding module (``fit_spec``).
+    replicated by the sharding module (``fit_spec``). ``prefix`` is prepended
+    to every path (``"['params']"`` for the variables the training core holds).
     """
     if isinstance(strategy, str):
         if strategy not in LOGICAL_AXIS_RULES:
@@ -326,7 +330,7 @@ def partition_rules(config: TransformerConfig, strategy: str | tuple = "tensor")
     for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]:
         name = jax.tree_util.keystr(path)
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if rules else PartitionSpec()
-        out.append(("^" + re.escape(name) + "$", mesh_spec))
+        out.append(("^" + re.escape(prefix + name) + "$", mesh_spec))
     return out + [(".*", PartitionSpec())]
 
 

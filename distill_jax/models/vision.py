@@ -79,12 +79,6 @@ def init_params(model: nn.Module, rng: Array, input_shape: Sequence[int] = (1, 2
     return model.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
 
 
-def model_signature(params: Any) -> dict[str, list[int]]:
-    """Path -> shape of every parameter: what a checkpoint must match to be restored."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in flat}
-
-
 def max_norm_project(params: Any, max_norm: float | None) -> Any:
     """Rescales each unit's incoming weight vector to L2 norm <= ``max_norm``.
 

@@ -3,11 +3,14 @@
 from distill_jax.training import checkpoint, population
 from distill_jax.training.loop import default_config, load_datasets, load_teacher, make_optimizer, run
 from distill_jax.training.steps import (
+    Layout,
     TrainState,
     create_train_state,
     epoch_indices,
     make_evaluate,
+    make_layout,
     make_predict,
+    make_token_evaluate,
     make_train_epoch,
     make_train_step,
     to_host,
@@ -15,6 +18,7 @@ from distill_jax.training.steps import (
 )
 
 __all__ = [
+    "Layout",
     "TrainState",
     "checkpoint",
     "create_train_state",
@@ -25,6 +29,8 @@ __all__ = [
     "make_evaluate",
     "make_optimizer",
     "make_predict",
+    "make_layout",
+    "make_token_evaluate",
     "make_train_epoch",
     "make_train_step",
     "population",

@@ -16,9 +16,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from distill_jax.models import model_signature
 
 PyTree = Any
+
+
+def model_signature(params: Any) -> dict[str, list[int]]:
+    """Path -> shape of every parameter: what a checkpoint must match to be restored."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in flat}
 
 
 class CheckpointMismatchError(ValueError):

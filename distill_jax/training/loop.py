@@ -1,12 +1,17 @@
 """The run loop: config -> data -> (teacher, student) -> epochs -> metrics, checkpoints.
 
 ``run(config, workdir)`` trains a teacher (no ``config.teacher.checkpoint``)
-or distills one into a student, writing into ``workdir``:
+or distills one into a student, image classifiers and language models alike
+(``config.model.name = "transformer"``: token batches, losses on the
+completion tokens, a top-k teacher cache), writing into ``workdir``:
 
   config.json      the full config of the run
-  metrics.jsonl    one JSON line per epoch (train means, test/val evaluation)
-  results.json     final evaluation and wall time
+  metrics.jsonl    one JSON line per epoch (train means, test/val evaluation),
+                   and the same as TensorBoard events
+  results.json     final evaluation and training time
   checkpoints/     orbax checkpoints (every ``checkpoint_every`` epochs and the last)
+
+(:mod:`distill_jax.training.rundir` writes them and holds the reuse rules.)
 
 ``resume=True`` continues from the last checkpoint and ends with exactly the
 parameters an uninterrupted run would have (same seed, same device count).
@@ -23,6 +28,8 @@ mesh or device count: the checkpoint is restored into the new layout.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import math
 import time
@@ -37,17 +44,26 @@ import optax
 from tqdm import tqdm
 
 from distill_jax import data as data_lib
-from distill_jax import models, objectives
+from distill_jax import losses, models, objectives
 from distill_jax import sharding as sharding_lib
+from distill_jax.models import transformer
 from distill_jax.training import checkpoint as ckpt
+from distill_jax.training import rundir
 from distill_jax.training.steps import (
     TrainState,
     create_train_state,
     make_evaluate,
+    make_layout,
     make_predict,
+    make_token_evaluate,
+    make_train_epoch,
     make_train_step,
     to_host,
 )
+
+#: The batch keys each kind of model is called with.
+IMAGE_INPUTS = ("image",)
+TOKEN_INPUTS = ("inputs", "valid")
 
 # Keys that may differ between a checkpoint's config and the resuming run's.
 _RESUME_MAY_CHANGE = ("checkpoint_every", "progress", "mesh", "teacher_partition", "student_partition")
@@ -96,7 +112,22 @@ def _check_finite(name: str, array) -> None:
 
 
 def load_datasets(config: Mapping[str, Any]) -> dict[str, data_lib.Dataset]:
-    """Train (after the transfer-set filters), optional validation, and test splits."""
+    """Train (after the transfer-set filters), optional validation, and test splits.
+
+    ``dataset="package.module:function"`` names a function
+    ``function(split_seed, **config.task)`` that returns the splits itself, a
+    dict of arrays each for a language model (e.g.
+    ``distill_jax.proj.reasoning.task:token_splits``, the arithmetic task).
+    """
+    if ":" in str(config["dataset"]):
+        module_name, _, function_name = str(config["dataset"]).partition(":")
+        try:
+            make_splits = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(
+                f"dataset {config['dataset']!r}: cannot load {function_name!r} from module {module_name!r} ({error})."
+            ) from None
+        return make_splits(int(config.get("split_seed", 0)), **dict(config.get("task") or {}))
     kwargs = {"data_dir": config.get("data_dir") or None, "manual_dir": config.get("manual_dir") or None}
     train = data_lib.load_split(config["dataset"], "train", **kwargs)
     test = data_lib.load_split(config["dataset"], "test", **kwargs)
@@ -135,18 +166,46 @@ def load_teacher(path: str | Path, student_num_classes: int | None = None, *, me
     directory = teacher_checkpoint_dir(path)
     meta = ckpt.read_meta(directory)
     model_config = dict(meta["config"]["model"])
-    teacher_classes = int(model_config.get("num_classes", 10))
+    teacher_classes = models.num_outputs(model_config)
     if student_num_classes is not None and teacher_classes != student_num_classes:
+        what, key = ("tokens", "vocab_size") if models.is_token_model(model_config) else ("classes", "num_classes")
         raise ValueError(
-            f"teacher at {directory} predicts {teacher_classes} classes but the student has "
-            f"{student_num_classes}; set config.model.num_classes={teacher_classes} or use a matching teacher."
+            f"teacher at {directory} predicts {teacher_classes} {what} but the student has "
+            f"{student_num_classes}; set config.model.{key}={teacher_classes} or use a matching teacher."
         )
     model = models.create(model_config)
     input_shape = tuple(meta["config"].get("input_shape", (1, 28, 28, 1)))
     params_like = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0), input_shape))
-    shardings = None if mesh is None else sharding_lib.param_shardings(params_like, partition, mesh)
+    shardings = None if mesh is None else sharding_lib.param_shardings(params_like, partition_rules(model, partition), mesh)
     params = ckpt.restore_params(directory, params_like, shardings=shardings)
     return model.apply, params, model_config
+
+
+def partition_rules(model, setting):
+    """The partition rules of ``setting`` for ``model``.
+
+    A transformer with a preset name (``replicated``, ``fsdp``, ``tensor``)
+    gets the rules of its logical axis names
+    (:func:`distill_jax.models.transformer.partition_rules`); anything else
+    goes to :func:`distill_jax.sharding.parse_rules`.
+    """
+    setting = setting or "replicated"
+    if isinstance(model, models.Transformer) and isinstance(setting, str) and setting.strip() in transformer.LOGICAL_AXIS_RULES:
+        return transformer.partition_rules(model.config, setting.strip(), prefix="['params']")
+    return sharding_lib.parse_rules(setting)
+
+
+def _top_k_temperature(spec: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """The temperature of the objective's ``top_k_kd`` terms (None without one); they must agree."""
+    temps = {float(t.get("temperature", 1.0)) for t in spec.values() if t.get("loss") == "top_k_kd"}
+    if len(temps) > 1:
+        raise ValueError(f"the top_k_kd terms use temperatures {sorted(temps)}; one teacher cache needs one.")
+    if temps and len(temps) != 0 and any(t.get("loss") not in ("top_k_kd", "cross_entropy") for t in spec.values()):
+        raise ValueError(
+            "an objective with a top_k_kd term gets the teacher as a cached top-k only; its other terms "
+            "can only be cross_entropy."
+        )
+    return next(iter(temps)) if temps else None
 
 
 def _config_dict(config) -> dict:
@@ -155,26 +214,18 @@ def _config_dict(config) -> dict:
     return json.loads(json.dumps(config, default=list))
 
 
-def _config_differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if not prefix and key in _RESUME_MAY_CHANGE:
-            continue
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            diffs += _config_differences(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            diffs.append(f"{prefix}{key}: checkpoint {va!r} vs now {vb!r}")
-    return diffs
+def _should_cache(config: Mapping[str, Any], has_teacher: bool, tokens: bool = False) -> bool:
+    """Whether to compute the teacher's logits once: ``cache_teacher`` is auto/true/false.
 
-
-def _should_cache(config: Mapping[str, Any], has_teacher: bool) -> bool:
-    """Whether to compute the teacher's logits once: ``cache_teacher`` is auto/true/false."""
+    A language model's full logits (rows x length x vocabulary) are cached
+    only on request (``true``); ``auto`` runs its teacher in the loop (a
+    ``top_k_kd`` objective caches the top-k instead, see ``run``).
+    """
     setting = str(config.get("cache_teacher", "auto")).lower()
     if setting not in ("auto", "true", "false"):
         raise ValueError(f"cache_teacher must be 'auto', 'true' or 'false', got {setting!r}.")
     augmented = int(config.get("jitter", 0)) > 0
-    if not has_teacher or setting == "false":
+    if not has_teacher or setting == "false" or (tokens and setting == "auto"):
         return False
     if setting == "true" and augmented:
         raise ValueError(
@@ -232,32 +283,32 @@ def run(
 
     # Devices.
     mesh = sharding_lib.make_mesh(config_dict.get("mesh") or sharding_lib.DEFAULT_MESH)
-    student_rules = sharding_lib.parse_rules(config_dict.get("student_partition") or "replicated")
-    teacher_rules = sharding_lib.parse_rules(config_dict.get("teacher_partition") or "replicated")
     lead = jax.process_index() == 0  # the one process that writes the JSON files
 
     # Data. Every process loads the split; each hands JAX only its own rows
     # (see distill_jax.sharding: "Data across processes").
     splits = dict(datasets) if datasets is not None else load_datasets(config_dict)
-    train = splits["train"]
-    _check_finite("the training images", train.images)
-    num_train = int(train.labels.shape[0])
+    model_config = dict(config_dict["model"])
+    tokens = models.is_token_model(model_config)
+    inputs = TOKEN_INPUTS if tokens else IMAGE_INPUTS
+    train_arrays = _arrays(splits["train"], tokens)
+    for name, array in train_arrays.items():
+        if np.issubdtype(array.dtype, np.floating):
+            _check_finite(f"the training {name}s", array)
+    num_train = int(train_arrays["label"].shape[0])
     batch_size = int(config_dict["batch_size"])
     steps_per_epoch = num_train // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has {num_train} examples, fewer than batch_size={batch_size}.")
     num_epochs = int(config_dict["num_epochs"])
     num_rows = sharding_lib.padded_num_rows(num_train, mesh)
-    train_data = {
-        "image": sharding_lib.shard_rows(np.asarray(train.images), mesh, num_rows),
-        "label": sharding_lib.shard_rows(np.asarray(train.labels, np.int32), mesh, num_rows),
-    }
+    train_data = {name: sharding_lib.shard_rows(array, mesh, num_rows) for name, array in train_arrays.items()}
 
     # Student.
-    model_config = dict(config_dict["model"])
-    num_classes = int(model_config.get("num_classes", 10))
+    num_classes = models.num_outputs(model_config)
     student = models.create(model_config)
-    input_shape = (1,) + tuple(train.images.shape[1:])
+    student_rules = partition_rules(student, config_dict.get("student_partition"))
+    input_shape = (1,) + tuple(train_arrays[inputs[0]].shape[1:])
     config_dict["input_shape"] = list(input_shape)
     seed = int(config_dict.get("seed", 0))
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -270,9 +321,12 @@ def run(
 
     # Teacher.
     teacher_path = (config_dict.get("teacher") or {}).get("checkpoint") or ""
-    teacher_apply, teacher_params = None, None
+    teacher_apply, teacher_params, teacher_rules = None, None, None
     if teacher_path:
-        teacher_apply, teacher_params, _ = load_teacher(teacher_path, num_classes, mesh=mesh, partition=teacher_rules)
+        teacher_apply, teacher_params, teacher_model = load_teacher(
+            teacher_path, num_classes, mesh=mesh, partition=config_dict.get("teacher_partition")
+        )
+        teacher_rules = partition_rules(models.create(teacher_model), config_dict.get("teacher_partition"))
     needs_teacher = any(
         spec.get("loss", "cross_entropy") != "cross_entropy" for spec in config_dict["objective"].values()
     )
@@ -281,40 +335,65 @@ def run(
             "the objective has a distillation term but config.teacher.checkpoint is empty; "
             "point it at a teacher run (e.g. --config.teacher.checkpoint=runs/teacher)."
         )
+    top_k_temperature = _top_k_temperature(config_dict["objective"])
+    top_k = int((config_dict.get("teacher") or {}).get("top_k", 0) or 0)
+    if top_k_temperature is not None and top_k < 1:
+        raise ValueError("the objective has a top_k_kd term: set config.teacher.top_k to the k of the teacher cache (>= 1).")
     # Evaluate the objective once on tiny concrete arrays: a bad temperature or
     # beta fails here, before any training.
-    probe = jnp.zeros((2, num_classes))
-    objective(probe, probe if needs_teacher else None, {"label": jnp.zeros(2, jnp.int32)}, step=0)
+    rows = (2, 3) if tokens else (2,)
+    probe = jnp.zeros(rows + (num_classes,))
+    probe_batch = {"label": jnp.zeros(rows, jnp.int32)} | ({"mask": jnp.ones(rows)} if tokens else {})
+    probe_teacher = probe if needs_teacher else None
+    if top_k_temperature is not None:
+        probe_teacher = (jnp.full(rows + (top_k,), -math.log(num_classes)), jnp.zeros(rows + (top_k,), jnp.int32))
+    objective(probe, probe_teacher, probe_batch, step=0)
 
     # Layout: student state per student_rules (optimizer state mirrors the
     # params), teacher per teacher_rules, data and batches over the data axes.
-    layout = sharding_lib.make_layout(
-        mesh, jax.eval_shape(init_state), student_rules, teacher_params, teacher_rules
-    )
+    layout = make_layout(mesh, jax.eval_shape(init_state), student_rules, teacher_params, teacher_rules)
 
-    if _should_cache(config_dict, teacher_apply is not None):
+    if top_k_temperature is not None:
+        if teacher_apply is None:
+            raise ValueError("the objective has a top_k_kd term but config.teacher.checkpoint is empty.")
+        transform = functools.partial(losses.top_k_log_probs, k=top_k, temperature=top_k_temperature)
+        predict = jax.jit(make_predict(teacher_apply, batch_size=int(config_dict.get("eval_batch_size", 1000)),
+                                       transform=transform), out_shardings=layout.data)
+        values, indices = predict(teacher_params, *(train_data[k] for k in inputs))
+        train_data["teacher_top_values"], train_data["teacher_top_indices"] = values, indices
+    elif _should_cache(config_dict, teacher_apply is not None, tokens):
         predict = jax.jit(make_predict(teacher_apply, batch_size=1000), out_shardings=layout.data)
-        teacher_logits = predict(teacher_params, train_data["image"])
+        teacher_logits = predict(teacher_params, *(train_data[k] for k in inputs))
         _check_finite("the teacher's logits on the transfer set", teacher_logits)
         train_data["teacher_logits"] = teacher_logits
+    jitter = int(config_dict.get("jitter", 0))
+    max_norm = model_config.get("max_norm")
     step = make_train_step(
         student.apply,
         tx,
         objective,
         teacher_apply=teacher_apply,
-        jitter_max_shift=int(config_dict.get("jitter", 0)),
-        max_norm=model_config.get("max_norm"),
+        inputs=inputs,
+        batch_transform=functools.partial(_jitter_images, max_shift=jitter) if jitter else None,
+        projection=functools.partial(models.max_norm_project, max_norm=max_norm) if max_norm else None,
     )
-    train_epoch = sharding_lib.make_sharded_train_epoch(step, batch_size=batch_size, layout=layout, num_examples=num_train)
-    evaluate = jax.jit(
-        make_evaluate(student.apply, num_classes=num_classes, batch_size=int(config_dict.get("eval_batch_size", 1000))),
-        out_shardings=layout.replicated,
-    )
+    train_epoch = make_train_epoch(step, batch_size=batch_size, layout=layout, num_examples=num_train)
+    eval_batch_size = int(config_dict.get("eval_batch_size", 1000))
+    if tokens:
+        evaluate = jax.jit(make_token_evaluate(student.apply, inputs=inputs, batch_size=eval_batch_size),
+                           out_shardings=layout.replicated)
+    else:
+        evaluate_images = jax.jit(
+            make_evaluate(student.apply, num_classes=num_classes, batch_size=eval_batch_size),
+            out_shardings=layout.replicated,
+        )
+
+        def evaluate(params, split):
+            return evaluate_images(params, split["image"], split["label"])
 
     # The state is created under jit straight into its layout.
     state = jax.jit(init_state, out_shardings=layout.state)()
     start_epoch = 0
-    metrics_path = workdir / "metrics.jsonl"
     if existing is not None:
         meta, params, opt_state, train_state = ckpt.restore_all(
             checkpoint_dir, params_like=state.params, opt_state_like=state.opt_state,
@@ -322,34 +401,24 @@ def run(
             shardings={"params": layout.state.params, "opt_state": layout.state.opt_state,
                        "train": {"step": layout.state.step, "rng": layout.state.rng}},
         )
-        diffs = _config_differences(meta.get("config", {}), config_dict)
-        if diffs:
-            raise ckpt.CheckpointMismatchError(
-                f"cannot resume {workdir}: its checkpoint was written with another config:\n  "
-                + "\n  ".join(diffs)
-                + "\nResume with the original config, or start a new --workdir."
-            )
+        rundir.check_same_config(
+            meta.get("config", {}), config_dict, what=f"cannot resume {workdir}: its checkpoint",
+            may_change=_RESUME_MAY_CHANGE, fix="Resume with the original config, or start a new --workdir.",
+        )
         state = TrainState(train_state["step"], params, opt_state, train_state["rng"])
         start_epoch = int(meta["epoch"])
-        if lead:
-            _truncate_metrics(metrics_path, start_epoch)
-    elif metrics_path.exists() and lead:
-        metrics_path.unlink()
     if lead:
-        (workdir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        rundir.write_json(workdir / rundir.CONFIG, config_dict, sort_keys=True)
 
     # Evaluation splits: replicated on the mesh (global arrays, multi-process safe).
     eval_splits = {
-        name: data_lib.Dataset(
-            sharding_lib.replicate(np.asarray(splits[name].images), mesh),
-            sharding_lib.replicate(np.asarray(splits[name].labels, np.int32), mesh),
-        )
+        name: {key: sharding_lib.replicate(array, mesh) for key, array in _arrays(splits[name], tokens).items()}
         for name in ("val", "test") if name in splits
     }
     end_epoch = num_epochs if stop_after_epochs is None else min(num_epochs, start_epoch + stop_after_epochs)
     last_eval: dict = {}
-    started = time.perf_counter()
-    with ckpt.manager(checkpoint_dir) as mngr, tqdm(
+    with rundir.MetricsLog(workdir, resume_from=start_epoch, purge_step=int(state.step), enabled=lead) as log, \
+            ckpt.manager(checkpoint_dir) as mngr, tqdm(
         total=num_epochs, initial=start_epoch, desc=workdir.name, unit="epoch",
         disable=not (progress and config_dict.get("progress", True) and lead), leave=False,
     ) as bar:
@@ -358,7 +427,7 @@ def run(
             state, train_metrics = train_epoch(state, teacher_params, train_data, np.asarray(epoch, np.int32))
             train_metrics = to_host(train_metrics)
             epoch_time = time.perf_counter() - t0
-            last_eval = {name: to_host(evaluate(state.params, ds.images, ds.labels)) for name, ds in eval_splits.items()}
+            last_eval = {name: to_host(evaluate(state.params, split)) for name, split in eval_splits.items()}
             if any(not math.isfinite(v) for v in train_metrics.values()):
                 raise FloatingPointError(
                     f"epoch {epoch + 1}: training metrics are not finite ({train_metrics}); "
@@ -366,11 +435,9 @@ def run(
                 )
             record = {"epoch": epoch + 1, "step": int(state.step), "epoch_time_s": round(epoch_time, 3),
                       "train": train_metrics, **last_eval}
-            if lead:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+            log.append(record)
             postfix = {"loss": f"{train_metrics['loss']:.4f}", "acc": f"{train_metrics['accuracy']:.4f}"}
-            if "test" in last_eval:
+            if "errors" in last_eval.get("test", {}):
                 postfix["test_err"] = last_eval["test"]["errors"]
             bar.set_postfix(postfix)
             bar.update(1)
@@ -380,31 +447,40 @@ def run(
     finished = end_epoch == num_epochs
     trained_now = bool(last_eval)
     if not trained_now:  # resumed a finished run: evaluate again
-        last_eval = {name: to_host(evaluate(state.params, ds.images, ds.labels)) for name, ds in eval_splits.items()}
+        last_eval = {name: to_host(evaluate(state.params, split)) for name, split in eval_splits.items()}
     results = {
         "finished": finished,
         "epochs": end_epoch,
         "num_train": num_train,
-        "wall_time_s": round(time.perf_counter() - started, 2),
+        "wall_time_s": rundir.training_time_s(workdir) if lead else None,
         "teacher_cached": "teacher_logits" in train_data,
         **last_eval,
     }
     results["mesh"] = {name: int(size) for name, size in mesh.shape.items()}
     # A finished run that is only reused keeps the results.json of the
-    # invocation that trained it (its wall time is the training's, not ours).
-    if finished and lead and (trained_now or not (workdir / "results.json").exists()):
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    # invocation that trained it.
+    if finished and lead and (trained_now or not (workdir / rundir.RESULTS).exists()):
+        rundir.write_json(workdir / rundir.RESULTS, results)
     results["params"] = state.params
     return results
 
 
-def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drops metric lines past the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-    path.write_text("".join(line + "\n" for line in kept))
+def _arrays(split, tokens: bool) -> dict[str, np.ndarray]:
+    """A split as the dict of arrays the core trains on: ``image``/``label``, or a token split's arrays."""
+    if tokens:
+        if not isinstance(split, Mapping) or not {"inputs", "valid", "label", "mask"} <= set(split):
+            raise ValueError(
+                "a language-model split must be a dict with 'inputs', 'valid', 'label' and 'mask' arrays "
+                f"(see distill_jax.proj.reasoning.task.token_splits), got {type(split).__name__}"
+                + (f" with keys {sorted(split)}" if isinstance(split, Mapping) else "") + "."
+            )
+        return {"inputs": np.asarray(split["inputs"], np.int32), "valid": np.asarray(split["valid"], bool),
+                "label": np.asarray(split["label"], np.int32), "mask": np.asarray(split["mask"], np.float32)}
+    return {"image": np.asarray(split.images), "label": np.asarray(split.labels, np.int32)}
+
+
+def _jitter_images(key, batch: dict, *, max_shift: int) -> dict:
+    return {**batch, "image": data_lib.jitter(key, batch["image"], max_shift)}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -429,7 +505,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_epochs = 10
     c.eval_batch_size = 1000
     c.objective = ml_collections.ConfigDict({"hard": {"loss": "cross_entropy", "weight": 1.0}})
-    c.teacher = ml_collections.ConfigDict({"checkpoint": ""})
+    c.teacher = ml_collections.ConfigDict({"checkpoint": "", "top_k": 0})
     c.cache_teacher = "auto"
     c.checkpoint_every = 1
     # Sharding (distill_jax.sharding, docs/sharding.md): the device mesh and

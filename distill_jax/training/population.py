@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distill_jax import models
 from distill_jax.training.steps import TrainState, create_train_state, train_epoch_fn
 
 PyTree = Any
@@ -68,7 +67,8 @@ def init_population(
 
     def one(seed):
         init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
-        return create_train_state(models.init_params(model, init_key, tuple(input_shape)), tx, state_key)
+        variables = model.init(init_key, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
+        return create_train_state(variables, tx, state_key)
 
     return jax.jit(jax.vmap(one))(seeds_array)
 

@@ -1,11 +1,19 @@
 """Jitted training pieces: the update step, a scanned epoch, evaluation, teacher cache.
 
 One update runs, inside a single jitted function (as big_vision's distill
-trainer does): optional on-device jitter of the inputs, the teacher forward
-under ``stop_gradient`` (or a cached teacher output), the student
-forward/backward, the optax update and the max-norm projection. An epoch is a
-``lax.scan`` of that update over index batches into device-resident arrays,
-so Python dispatch does not bound speed.
+trainer does): an optional batch transform (e.g. on-device jitter), the
+teacher forward under ``stop_gradient`` (or a cached teacher output), the
+student forward/backward, the optax update and an optional projection of the
+parameters (e.g. max-norm, in the manner of ``optax.projections``). An epoch
+is a ``lax.scan`` of that update over index batches into device-resident
+arrays, so Python dispatch does not bound speed.
+
+Image and token models share this code. A batch is a dict of arrays with a
+leading example axis: the model inputs (``inputs``: which keys, passed
+positionally to ``apply``; ``("image",)`` for images, ``("inputs",
+"valid")`` for the transformer), ``"label"`` and, for token models,
+``"mask"`` (1 on the completion tokens that carry loss). With a mask, the
+loss and accuracy are token-weighted means over the masked-in entries.
 
 All randomness derives from ``state.rng`` and the global step / epoch number
 (``fold_in``), never from Python-side counters: a run resumed from a
@@ -15,14 +23,15 @@ uninterrupted one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from distill_jax.data.augment import jitter
-from distill_jax.models import max_norm_project
+from distill_jax import sharding as sharding_lib
+from distill_jax.objectives import masked_mean
 
 Array = jax.Array
 PyTree = Any
@@ -55,63 +64,107 @@ def epoch_indices(rng: Array, epoch: Array, num_examples: int, batch_size: int) 
     return perm.reshape(steps, batch_size)
 
 
+def _mean(values: Array, mask: Array | None) -> Array:
+    """Plain mean without a mask (images), token-weighted mean over ``mask`` with one."""
+    return jnp.mean(values) if mask is None else masked_mean(values, mask)
+
+
+def teacher_outputs_of(batch: dict, teacher_apply: Callable | None, teacher_params: PyTree, inputs: Sequence[str]):
+    """What the objective gets as the teacher's outputs for ``batch``.
+
+    Cached logits (``teacher_logits``), a cached top-k pair
+    ``(teacher_top_values, teacher_top_indices)``, the teacher run on the
+    batch under ``stop_gradient``, or None (supervised).
+    """
+    if "teacher_logits" in batch:
+        return batch["teacher_logits"]
+    if "teacher_top_values" in batch:
+        return batch["teacher_top_values"], batch["teacher_top_indices"]
+    if teacher_apply is not None:
+        return jax.lax.stop_gradient(teacher_apply(teacher_params, *(batch[k] for k in inputs), train=False))
+    return None
+
+
 def make_train_step(
     student_apply: Callable,
     tx: optax.GradientTransformation,
     objective: Callable,
     *,
     teacher_apply: Callable | None = None,
-    jitter_max_shift: int = 0,
-    max_norm: float | None = None,
+    inputs: Sequence[str] = ("image",),
+    batch_transform: Callable | None = None,
+    projection: Callable | None = None,
 ) -> Callable:
     """Builds ``step(state, teacher_params, batch) -> (state, metrics)`` (not jitted).
 
-    ``batch`` is a dict with ``"image"``, ``"label"`` and, when the teacher is
-    cached, ``"teacher_logits"``; without it and with ``teacher_apply`` the
-    teacher runs here, on the same (jittered) images the student sees.
-    Without either, the objective gets ``teacher_outputs=None`` (supervised).
+    Args:
+      student_apply, teacher_apply: ``apply(params, *batch[inputs], train=...,
+        rngs=...)`` (flax's ``Module.apply``). Without a cached teacher output
+        in the batch and with ``teacher_apply``, the teacher runs here, on the
+        same (transformed) batch the student sees; without either, the
+        objective gets ``teacher_outputs=None`` (supervised).
+      tx: the optax optimizer.
+      objective: ``objective(student_outputs, teacher_outputs, batch, step)
+        -> (per-example or per-token loss, metrics)``
+        (:func:`distill_jax.objectives.combine`).
+      inputs: the batch keys passed positionally to the models.
+      batch_transform: ``transform(key, batch) -> batch`` run first, inside
+        the jitted step (e.g. random jitter of the images).
+      projection: ``params -> params`` applied after every update (e.g. a
+        max-norm constraint), as ``optax.projections`` are.
     """
+    inputs = tuple(inputs)
 
     def step(state: TrainState, teacher_params: PyTree, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
-        dropout_key, jitter_key = jax.random.split(key)
-        images = batch["image"]
-        if jitter_max_shift:
-            images = jitter(jitter_key, images, jitter_max_shift)
-        if "teacher_logits" in batch:
-            teacher_logits = batch["teacher_logits"]
-        elif teacher_apply is not None:
-            teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, images, train=False))
-        else:
-            teacher_logits = None
+        dropout_key, transform_key = jax.random.split(key)
+        if batch_transform is not None:
+            batch = batch_transform(transform_key, batch)
+        teacher_outputs = teacher_outputs_of(batch, teacher_apply, teacher_params, inputs)
+        mask = batch.get("mask")
+        model_inputs = tuple(batch[k] for k in inputs)
 
         def loss_fn(params):
-            logits = student_apply(params, images, train=True, rngs={"dropout": dropout_key})
-            per_example, metrics = objective(logits, teacher_logits, batch, step=state.step)
-            return jnp.mean(per_example), (metrics, logits)
+            logits = student_apply(params, *model_inputs, train=True, rngs={"dropout": dropout_key})
+            per_example, metrics = objective(logits, teacher_outputs, batch, step=state.step)
+            return _mean(per_example, mask), (metrics, logits)
 
         grads, (metrics, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params = max_norm_project(params, max_norm)
+        if projection is not None:
+            params = projection(params)
         metrics = dict(metrics)
-        metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        metrics["accuracy"] = _mean(jnp.argmax(logits, -1) == batch["label"], mask)
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return step
 
 
-class EpochShardings(NamedTuple):
-    """Explicit layout of a jitted epoch on a mesh (see :mod:`distill_jax.sharding`).
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where everything of a training run lives on ``mesh`` (see :mod:`distill_jax.sharding`)."""
 
-    Each field is a sharding or a pytree (prefix) of shardings.
-    """
+    mesh: Any
+    state: Any  # TrainState of NamedSharding (in and out; donated)
+    teacher: PyTree | None  # teacher params' NamedShardings (None: no teacher)
 
-    state: PyTree  # the TrainState, in and out (donated)
-    teacher: PyTree  # the teacher params (None: no teacher)
-    data: PyTree  # the data dict (example axis split over the data axes)
-    batch: Any  # what each step's gathered batch is constrained to
-    metrics: Any  # the epoch number in, the mean metrics out (replicated)
+    @property
+    def data(self):
+        """The data dict and each step's batch: example axis split over the data axes."""
+        return sharding_lib.row_sharding(self.mesh)
+
+    @property
+    def replicated(self):
+        """The epoch number in, the mean metrics out."""
+        return sharding_lib.replicated(self.mesh)
+
+
+def make_layout(mesh, state_like: TrainState, student_rules, teacher_params: PyTree | None = None, teacher_rules=None) -> Layout:
+    """The :class:`Layout` of a ``TrainState`` (arrays or ShapeDtypeStructs) and teacher params under the rules."""
+    student = sharding_lib.param_shardings(state_like.params, student_rules, mesh)
+    teacher = None if teacher_params is None else sharding_lib.param_shardings(teacher_params, teacher_rules, mesh)
+    return Layout(mesh, sharding_lib.train_state_shardings(state_like, student, mesh), teacher)
 
 
 def train_epoch_fn(
@@ -148,33 +201,36 @@ def make_train_epoch(
     step: Callable,
     *,
     batch_size: int,
-    shardings: EpochShardings | None = None,
+    layout: Layout | None = None,
     num_examples: int | None = None,
 ) -> Callable:
     """Jits ``epoch(state, teacher_params, data, epoch) -> (state, mean metrics)``.
 
-    ``data`` is a dict of device arrays with a leading example axis (images,
-    labels, optionally cached teacher logits). The state is donated: its
+    ``data`` is a dict of device arrays with a leading example axis (inputs,
+    labels, optionally cached teacher outputs). The state is donated: its
     buffers are reused for the new state.
 
-    With ``shardings`` the jit gets explicit ``in_shardings``/``out_shardings``
-    and every step's batch is constrained to ``shardings.batch``.
+    With ``layout`` the jit gets explicit ``in_shardings``/``out_shardings``
+    on ``layout.mesh`` and every step's batch is constrained to the data
+    sharding; ``batch_size`` must then divide over the data shards.
     ``num_examples`` (default: the data's leading size) is how many leading
-    rows are real examples; rows past it (padding) are never drawn.
+    rows are real examples; rows past it (padding, see
+    :func:`distill_jax.sharding.shard_rows`) are never drawn.
     """
-    epoch_fn = train_epoch_fn(
-        step,
-        batch_size=batch_size,
-        batch_sharding=None if shardings is None else shardings.batch,
-        num_examples=num_examples,
-    )
-    if shardings is None:
-        return jax.jit(epoch_fn, donate_argnums=(0,))
+    if layout is None:
+        return jax.jit(train_epoch_fn(step, batch_size=batch_size, num_examples=num_examples), donate_argnums=(0,))
+    k = sharding_lib.num_data_shards(layout.mesh)
+    if batch_size % k:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by the {k} data shards of mesh "
+            f"{dict(layout.mesh.shape)}; choose a multiple of {k}."
+        )
+    epoch_fn = train_epoch_fn(step, batch_size=batch_size, batch_sharding=layout.data, num_examples=num_examples)
     return jax.jit(
         epoch_fn,
         donate_argnums=(0,),
-        in_shardings=(shardings.state, shardings.teacher, shardings.data, shardings.metrics),
-        out_shardings=(shardings.state, shardings.metrics),
+        in_shardings=(layout.state, layout.teacher, layout.data, layout.replicated),
+        out_shardings=(layout.state, layout.replicated),
     )
 
 
@@ -186,21 +242,59 @@ def _padded_batches(x: Array, batch_size: int) -> Array:
     return x.reshape((steps, batch_size) + x.shape[1:])
 
 
-def make_predict(apply_fn: Callable, *, batch_size: int = 1000) -> Callable:
-    """Jits ``predict(params, images) -> logits`` over a whole array, in batches.
+def make_predict(apply_fn: Callable, *, batch_size: int = 1000, transform: Callable | None = None) -> Callable:
+    """Jits ``predict(params, *inputs) -> outputs`` over whole arrays, in batches.
 
-    Used for the teacher cache: the teacher's logits on a fixed transfer set
-    are computed once instead of every epoch.
+    Used for the teacher cache: the teacher's outputs on a fixed transfer set
+    are computed once instead of every epoch. ``transform`` maps each
+    batch's logits to what is kept (e.g. their top-k log-probs), so the full
+    logits of a large vocabulary never exist for the whole set at once.
     """
 
     @jax.jit
-    def predict(params, images):
-        n = images.shape[0]
-        batches = _padded_batches(images, batch_size)
-        logits = jax.lax.map(lambda x: apply_fn(params, x, train=False), batches)
-        return logits.reshape((-1,) + logits.shape[2:])[:n]
+    def predict(params, *inputs):
+        n = inputs[0].shape[0]
+        batches = tuple(_padded_batches(x, batch_size) for x in inputs)
+
+        def one(xs):
+            logits = apply_fn(params, *xs, train=False)
+            return logits if transform is None else transform(logits)
+
+        outputs = jax.lax.map(one, batches)
+        return jax.tree_util.tree_map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], outputs)
 
     return predict
+
+
+def make_token_evaluate(apply_fn: Callable, *, inputs: Sequence[str] = ("inputs", "valid"), batch_size: int = 256) -> Callable:
+    """Jits ``evaluate(params, split) -> metrics`` of a token model, teacher-forced, over a whole split.
+
+    ``split``: a dict with ``inputs``, ``"label"`` (next tokens) and
+    ``"mask"`` (1 on scored tokens). Metrics: ``loss`` (cross-entropy per
+    scored token), ``token_accuracy``, ``tokens`` (how many were scored).
+    """
+    inputs = tuple(inputs)
+
+    @jax.jit
+    def evaluate(params, split):
+        batches = {k: _padded_batches(split[k], batch_size) for k in inputs + ("label", "mask")}
+
+        def body(_, batch):
+            logits = apply_fn(params, *(batch[k] for k in inputs), train=False)
+            mask = batch["mask"] > 0  # padded rows have mask 0
+            ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
+            right = jnp.argmax(logits, -1) == batch["label"]
+            return None, (jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(right & mask), jnp.sum(mask))
+
+        _, (ce, right, count) = jax.lax.scan(body, None, batches)
+        tokens = jnp.sum(count)
+        return {
+            "loss": jnp.sum(ce) / jnp.maximum(tokens, 1),
+            "token_accuracy": jnp.sum(right) / jnp.maximum(tokens, 1),
+            "tokens": tokens,
+        }
+
+    return evaluate
 
 
 def make_evaluate(apply_fn: Callable, *, num_classes: int, batch_size: int = 1000) -> Callable:
@@ -257,8 +351,11 @@ def to_host(metrics: dict) -> dict:
 
 
 __all__ = [
-    "EpochShardings",
+    "Layout",
     "TrainState",
+    "make_layout",
+    "make_token_evaluate",
+    "teacher_outputs_of",
     "create_train_state",
     "epoch_indices",
     "make_train_step",

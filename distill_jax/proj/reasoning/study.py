@@ -1,6 +1,6 @@
 """The reasoning-distillation study (``make reproduce-reasoning``): R1-style, token-level, on-policy, multi-teacher.
 
-For each seed, on the arithmetic task of :mod:`distill_jax.data.reasoning`:
+For each seed, on the arithmetic task of :mod:`distill_jax.proj.reasoning.task`:
 
 ========================  ==================================================================
 row                       what the student (or teacher) is trained on
@@ -39,9 +39,11 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from distill_jax.data import reasoning
 from distill_jax.models.transformer import TransformerConfig
-from distill_jax.training import sequence as seq
+from distill_jax.proj import stats
+from distill_jax.proj.reasoning import sequence as seq
+from distill_jax.proj.reasoning import task as reasoning
+from distill_jax.training import rundir
 from distill_jax.training.checkpoint import CheckpointMismatchError
 
 __all__ = ["run_reasoning_study", "aggregate", "markdown_table", "plot_samples_curve", "ROW_LABELS"]
@@ -225,13 +227,6 @@ class _Runner:
         return {"rows": self.rows, "curve": self.curve, "extra": self.extra}
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
-    if values.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0, "n": int(values.size)}
-
-
 def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """Row -> metric -> mean/std/n over the seeds that have that row."""
     names = []
@@ -242,7 +237,7 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict
         rows = [r["rows"][name] for r in per_seed if name in r["rows"]]
         # None is a NaN that went through JSON (a reused seed): still a metric.
         metrics = [m for m in rows[0] if rows[0][m] is None or isinstance(rows[0][m], (int, float))]
-        out[name] = {m: _mean_std([r.get(m) for r in rows]) for m in metrics}
+        out[name] = {m: stats.mean_std([r.get(m) for r in rows]) for m in metrics}
     return out
 
 
@@ -326,10 +321,7 @@ def _json_safe(value):
 
 def _seed_config_fingerprint(config: ml_collections.ConfigDict) -> str:
     """What a seed's result depends on: the whole config except the seed list and the worker count."""
-    values = json.loads(config.to_json_best_effort())
-    for key in ("seeds", "workers"):
-        values.pop(key, None)
-    return json.dumps(values, sort_keys=True)
+    return rundir.fingerprint(json.loads(config.to_json_best_effort()), ignore=("seeds", "workers"))
 
 
 def _run_seed(config_dict: dict, seed: int, progress: bool, seed_file: str | None) -> dict[str, Any]:
@@ -342,9 +334,7 @@ def _run_seed(config_dict: dict, seed: int, progress: bool, seed_file: str | Non
     result = _json_safe(result)  # what a reused seed looks like, so both aggregate alike
     if seed_file:
         record = {"fingerprint": _seed_config_fingerprint(config), "seed": int(seed), "result": result}
-        tmp = Path(seed_file).with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(seed_file)  # atomic: an interrupted write never leaves a half file behind
+        rundir.write_json(seed_file, record, indent=None)
     return result
 
 
@@ -434,7 +424,7 @@ def run_reasoning_study(
     for t in "ab":
         stats = [r["extra"][f"rejection_sampling_teacher_{t}"] for r in per_seed if f"rejection_sampling_teacher_{t}" in r["extra"]]
         if stats:
-            rejection[t] = {m: _mean_std([s[m] for s in stats]) for m in ("acceptance_rate", "problems_covered", "kept_unique")}
+            rejection[t] = {m: stats.mean_std([s[m] for s in stats]) for m in ("acceptance_rate", "problems_covered", "kept_unique")}
     summary = {
         "study": config.name,
         "title": config.get("title", config.name),

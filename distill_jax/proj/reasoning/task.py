@@ -48,7 +48,7 @@ OPS = {"add": "+", "mul": "*"}
 __all__ = [
     "PAD", "BOS", "EOS", "THINK", "END_THINK", "Tokenizer", "Problem", "TOKENIZER",
     "trace", "completion", "verify", "parse_answer", "make_problems", "make_splits",
-    "encode_examples", "prompt_arrays", "completion_batch", "max_completion_len",
+    "encode_examples", "prompt_arrays", "completion_batch", "max_completion_len", "token_splits",
 ]
 
 
@@ -322,3 +322,33 @@ def completion_batch(prompts, prompt_valid, generated, lengths) -> dict:
         "valid": seq_valid[:, :-1],
         "loss_mask": (seq_valid[:, 1:] & target_is_generated).astype(jnp.float32),
     }
+
+
+def token_splits(
+    seed: int,
+    *,
+    num_train: int,
+    num_val: int = 0,
+    num_test: int = 0,
+    op: Op = "add",
+    max_digits: int = 3,
+    fmt: Format = "trace",
+) -> dict[str, dict[str, np.ndarray]]:
+    """Disjoint train / val / test splits as the training core's token arrays.
+
+    Each split is ``{"inputs", "valid", "label", "mask"}`` (``label``: the
+    next tokens; ``mask``: 1 on completion tokens), every row padded to one
+    length that holds the widest problem, so every split compiles to one shape.
+    """
+    rng = np.random.default_rng(seed)
+    test = make_problems(rng, num_test, op=op, max_digits=max_digits)
+    val = make_problems(rng, num_val, op=op, max_digits=max_digits, exclude=set(test))
+    train = make_problems(rng, num_train, op=op, max_digits=max_digits, exclude=set(test) | set(val))
+    length = max_prompt_len(max_digits, op=op) + max_completion_len(max_digits, op=op, fmt=fmt)
+    out = {}
+    for name, problems in (("train", train), ("val", val), ("test", test)):
+        if not problems:
+            continue
+        arrays = encode_problems(problems, fmt, length=length)
+        out[name] = {"inputs": arrays["inputs"], "valid": arrays["valid"], "label": arrays["targets"], "mask": arrays["loss_mask"]}
+    return out

@@ -1,9 +1,9 @@
-"""Tables and plots of the Hinton study (distill_jax.hinton) from its results JSON.
+"""Tables and plots of the Hinton study (distill_jax.proj.hinton.full) from its results JSON.
 
 Kept apart from the training code so a report can be redrawn from
 ``results/hinton_full.json`` alone:
 
-  python -c "import json, distill_jax.hinton_report as r; \
+  python -c "import json, distill_jax.proj.hinton.report as r; \
     s = json.load(open('results/hinton_full.json')); print(r.markdown(s)); r.plots(s, 'results')"
 """
 

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from distill_jax import losses
-from distill_jax.data import reasoning
+from distill_jax.proj.reasoning import task as reasoning
 from distill_jax.generation import SamplingConfig, generate
 from distill_jax.models.transformer import Transformer, TransformerConfig, init_params
 from distill_jax.objectives import masked_mean
@@ -295,13 +295,13 @@ def train(
 ) -> tuple[PyTree, dict]:
     """Trains ``config`` for ``optimizer.steps`` batches; returns ``(params, history)``.
 
-    ``data``: the arrays of :func:`distill_jax.data.reasoning.encode_examples`
+    ``data``: the arrays of :func:`distill_jax.proj.reasoning.task.encode_examples`
     (plus a top-k cache for ``top_k``), one row per example; batches are
     drawn by a seeded shuffle, epoch after epoch. With
     ``on_policy_fraction`` > 0 (GKD's lambda), that fraction of the batches
     is instead made of the student's own samples (temperature 1) for
     ``prompts`` (``{"tokens", "valid"}``, left-padded, see
-    :func:`~distill_jax.data.reasoning.prompt_arrays`), and scored with the
+    :func:`~distill_jax.proj.reasoning.task.prompt_arrays`), and scored with the
     same loss. ``params`` (default: a fresh init from ``seed``) continues
     training from given weights.
     """

@@ -19,6 +19,7 @@ a markdown table beside the paper's numbers, and the plots.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -31,9 +32,11 @@ import numpy as np
 from tqdm import tqdm
 
 from distill_jax import data as data_lib
-from distill_jax import hinton_report, models, objectives, training
+from distill_jax import models, objectives, training
+from distill_jax.proj.hinton import report as hinton_report
+from distill_jax.proj import stats
 from distill_jax.training import checkpoint as ckpt
-from distill_jax.training import population
+from distill_jax.training import population, rundir
 
 # Hinton et al. 2015, section 3 (MNIST; test errors of 10,000 unless noted).
 PAPER = {
@@ -44,6 +47,10 @@ PAPER = {
                "errors_on_class_after": 14, "shift": 3.5, "class_count": 1010},
     "only_7_8": {"error_rate_before": 47.3, "error_rate_after": 13.2, "shift": 7.6},
 }
+
+
+# Test errors over seeds: mean and std to 2 decimals, and each seed's.
+_mean_std = functools.partial(stats.mean_std, digits=2, with_values=True)
 
 
 # ------------------------------------------------------------------ configs
@@ -101,20 +108,11 @@ def train_teachers(config, study_dir: Path, dataset: str, *, progress: bool = Tr
     teachers = []
     for seed in config.seeds:
         workdir = Path(study_dir) / dataset / f"teacher_seed{seed}"
-        started = time.perf_counter()
         results = training.run(teacher_config(config, dataset, seed), workdir, resume=True, progress=progress)
         results.pop("params", None)
         teachers.append({"seed": int(seed), "workdir": str(workdir), "test_errors": int(results["test"]["errors"]),
-                         "epochs": int(results["epochs"]), "wall_time_s": _recorded_wall_time(workdir, started)})
+                         "epochs": int(results["epochs"]), "wall_time_s": round(rundir.training_time_s(workdir), 1)})
     return teachers
-
-
-def _recorded_wall_time(workdir: Path, started: float) -> float:
-    """Training time of a run: the sum of its logged epoch times (a reused run took no time now)."""
-    metrics = Path(workdir) / "metrics.jsonl"
-    if metrics.exists():
-        return round(sum(json.loads(line)["epoch_time_s"] for line in metrics.read_text().splitlines() if line), 1)
-    return round(time.perf_counter() - started, 1)
 
 
 def teacher_logits(teacher_dirs: Sequence[str], images: np.ndarray) -> jax.Array:
@@ -197,15 +195,11 @@ def train_population(
         meta, params, opt_state, train_state = ckpt.restore_all(
             checkpoint_dir, params_like=states.params, opt_state_like=states.opt_state,
             train_like={"step": states.step, "rng": states.rng})
-        if meta.get("config") != record:
-            raise ckpt.CheckpointMismatchError(
-                f"{checkpoint_dir} was written by a population with another config (members, width, "
-                "epochs or recipe differ). Delete that folder or restore the original config.")
+        rundir.check_same_config(meta.get("config", {}), record, what=f"the population checkpoint {checkpoint_dir}",
+                                 fix="Delete that folder or restore the original config.")
         states = training.TrainState(train_state["step"], params, opt_state, train_state["rng"])
-    workdir.mkdir(parents=True, exist_ok=True)
-    metrics_path = workdir / "metrics.jsonl"
-    _keep_metrics_until(metrics_path, start)
-    with ckpt.manager(checkpoint_dir) as mngr, tqdm(
+    with rundir.MetricsLog(workdir, resume_from=start, purge_step=start + 1, step_key="epoch") as log, \
+            ckpt.manager(checkpoint_dir) as mngr, tqdm(
         total=num_epochs, initial=start, desc=f"{workdir.parent.name}/{workdir.name} ({len(members)} students)",
         unit="epoch", disable=not progress, leave=False,
     ) as bar:
@@ -218,9 +212,8 @@ def train_population(
                 raise FloatingPointError(f"{workdir.name} epoch {epoch + 1}: non-finite loss {loss.tolist()}.")
             test_errors = np.asarray(evaluate(states.params, jnp.asarray(eval_splits["test"].images),
                                               jnp.asarray(eval_splits["test"].labels, jnp.int32))["errors"])
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "epoch_time_s": round(epoch_time, 3),
-                                    "loss": loss.round(5).tolist(), "test_errors": test_errors.tolist()}) + "\n")
+            log.append({"epoch": epoch + 1, "epoch_time_s": round(epoch_time, 3),
+                        "loss": loss.round(5).tolist(), "test_errors": test_errors.tolist()})
             ckpt.save(mngr, epoch + 1, params=states.params, opt_state=states.opt_state,
                       step=states.step, rng=states.rng, meta={"config": record})
             bar.set_postfix(best_test_err=int(test_errors.min()))
@@ -232,16 +225,8 @@ def train_population(
         images = jnp.asarray(split.images)
         logits[name] = np.asarray(predict(states.params, images))
         evaluation[name] = jax.device_get(evaluate(states.params, images, jnp.asarray(split.labels, jnp.int32)))
-    wall = sum(json.loads(line)["epoch_time_s"] for line in metrics_path.read_text().splitlines() if line)
-    return {"members": members, "epochs": num_epochs, "wall_time_s": round(wall, 1),
+    return {"members": members, "epochs": num_epochs, "wall_time_s": round(rundir.training_time_s(workdir), 1),
             "logits": logits, "evaluation": evaluation}
-
-
-def _keep_metrics_until(path: Path, epoch: int) -> None:
-    """Drops logged epochs past the checkpoint we start from (they are redone)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 # ------------------------------------------------------------------ bias shift
@@ -317,18 +302,12 @@ def agreement(teacher_logits: np.ndarray, student_logits: np.ndarray, labels: np
 def compare_runs(teacher_dir: str, student_dir: str, *, dataset: str = "mnist", split: str = "test") -> dict[str, float]:
     """:func:`agreement` of two run directories' final models on a TFDS split.
 
-      python -c "from distill_jax import hinton; print(hinton.compare_runs(
+      python -c "from distill_jax.proj.hinton import full; print(full.compare_runs(
           'runs/hinton_full_idrop02/mnist/teacher_seed0', 'runs/hinton_student_tuning/hard0.1_adam1e-3_e40'))"
     """
     ds = data_lib.load_split(dataset, split)
     teacher, student = np.asarray(teacher_logits([teacher_dir, student_dir], ds.images))
     return agreement(teacher, student, np.asarray(ds.labels))
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    values = np.asarray(values, np.float64)
-    return {"mean": round(float(values.mean()), 2), "std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 2),
-            "values": values.tolist()}
 
 
 # ------------------------------------------------------------------ the study
