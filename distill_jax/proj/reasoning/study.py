@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from distill_jax.models.transformer import TransformerConfig
-from distill_jax.proj import stats
+from distill_jax.proj.stats import mean_std
 from distill_jax.proj.reasoning import sequence as seq
 from distill_jax.proj.reasoning import task as reasoning
 from distill_jax.training import rundir
@@ -237,7 +237,7 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict
         rows = [r["rows"][name] for r in per_seed if name in r["rows"]]
         # None is a NaN that went through JSON (a reused seed): still a metric.
         metrics = [m for m in rows[0] if rows[0][m] is None or isinstance(rows[0][m], (int, float))]
-        out[name] = {m: stats.mean_std([r.get(m) for r in rows]) for m in metrics}
+        out[name] = {m: mean_std([r.get(m) for r in rows]) for m in metrics}
     return out
 
 
@@ -424,7 +424,7 @@ def run_reasoning_study(
     for t in "ab":
         stats = [r["extra"][f"rejection_sampling_teacher_{t}"] for r in per_seed if f"rejection_sampling_teacher_{t}" in r["extra"]]
         if stats:
-            rejection[t] = {m: stats.mean_std([s[m] for s in stats]) for m in ("acceptance_rate", "problems_covered", "kept_unique")}
+            rejection[t] = {m: mean_std([s[m] for s in stats]) for m in ("acceptance_rate", "problems_covered", "kept_unique")}
     summary = {
         "study": config.name,
         "title": config.get("title", config.name),
