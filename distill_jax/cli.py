@@ -95,10 +95,30 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(), file=sys.stderr)
         return 2
     command = argv[1]
-    fv = _flags([argv[0]] + argv[2:])
+    try:
+        fv = _flags([argv[0]] + argv[2:])
+    except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
+        overrides = [a.split("=", 1)[0] for a in argv[2:] if a.startswith("--config.")]
+        print(f"{command}: a --config override names a key the config does not have ({error}); overrides given: "
+              f"{', '.join(overrides)}. The keys are those that get_config() in the config file sets.", file=sys.stderr)
+        return 2
 
     _init_distributed(fv)
+    try:
+        return _dispatch(command, fv)
+    except _user_errors() as error:  # what the user can fix: the message says how; no traceback
+        print(f"{command}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from distill_jax.training import checkpoint, rundir
+
+    return (FileNotFoundError, FileExistsError, FloatingPointError, checkpoint.CheckpointMismatchError,
+            checkpoint.CheckpointCorruptError, rundir.WorkdirError, rundir.WorkdirBusyError)
+
+
+def _dispatch(command: str, fv: flags.FlagValues) -> int:
     from distill_jax import training
 
     if command == "evaluate":

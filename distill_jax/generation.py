@@ -61,6 +61,12 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p}.")
+        ids = {"pad_id": [self.pad_id], "banned_ids": list(self.banned_ids)}
+        if self.eos_id is not None:
+            ids["eos_id"] = [self.eos_id]
+        for name, values in ids.items():
+            if any(int(v) < 0 for v in values):
+                raise ValueError(f"{name} must be token ids >= 0, got {values}; a negative id would wrap to the last token.")
 
     @property
     def greedy(self) -> bool:
@@ -184,6 +190,15 @@ def generate(
     valid = jnp.ones(prompts.shape, bool) if prompt_valid is None else jnp.asarray(prompt_valid, bool)
     if valid.shape != prompts.shape:
         raise ValueError(f"prompt_valid {valid.shape} must have the prompts' shape {prompts.shape}.")
+    special = [sampling.pad_id, *sampling.banned_ids] + ([] if sampling.eos_id is None else [sampling.eos_id])
+    if max(special) >= config.vocab_size:
+        raise ValueError(f"the sampling config names token ids {special}, but the vocabulary has {config.vocab_size}.")
+    try:  # concrete prompts: check their ids (an id past the vocabulary gives NaN, a negative one wraps)
+        real = np.asarray(prompts)[np.asarray(valid)]
+    except jax.errors.TracerArrayConversionError:
+        real = np.zeros(0, np.int32)
+    if real.size and (real.min() < 0 or real.max() >= config.vocab_size):
+        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size}), got values in [{real.min()}, {real.max()}].")
     return _generate(config, sampling, params, prompts, valid, key)
 
 

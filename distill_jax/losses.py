@@ -118,6 +118,8 @@ def masked_log_softmax(
     """Log-softmax over the valid entries only, safe for masked rows.
 
     An entry is valid where ``where`` is true and the logit is not ``-inf``.
+    NaN is never a mask: a NaN (or ``+inf``) among the valid entries makes
+    the row's log-probs NaN, so a diverged model gives a NaN loss, not 0.
 
     Returns:
       ``(log_probs, valid)``: ``log_probs`` is ``log softmax(logits)`` over the
@@ -132,7 +134,7 @@ def masked_log_softmax(
       Array([0.5, 0.5, 0. ], dtype=float32)
     """
     x = _float32(logits)
-    valid = x > -jnp.inf
+    valid = x != -jnp.inf  # NaN != -inf: a NaN stays valid and poisons its row
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, bool), x.shape)
     x = jnp.where(valid, x, 0.0)
@@ -143,7 +145,7 @@ def masked_log_softmax(
     exp = jnp.where(valid, jnp.exp(shifted), 0.0)
     total = jnp.sum(exp, axis=axis, keepdims=True)
     any_valid = total > 0
-    log_total = jnp.log(jnp.where(any_valid, total, 1.0))
+    log_total = jnp.log(jnp.where(any_valid | jnp.isnan(total), total, 1.0))
     log_probs = jnp.where(valid, shifted - log_total, 0.0)
     return log_probs, valid
 
@@ -157,7 +159,7 @@ def _pair_log_probs(student_logits, teacher_logits, temperature, axis, where):
     s = _float32(student_logits)
     t = _float32(teacher_logits)
     shape = jnp.broadcast_shapes(s.shape, t.shape)
-    valid = (jnp.broadcast_to(s, shape) > -jnp.inf) & (jnp.broadcast_to(t, shape) > -jnp.inf)
+    valid = (jnp.broadcast_to(s, shape) != -jnp.inf) & (jnp.broadcast_to(t, shape) != -jnp.inf)
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, bool), shape)
     temperature = jnp.asarray(temperature, jnp.float32)
@@ -390,7 +392,7 @@ def logit_mse(
     shape = jnp.broadcast_shapes(s.shape, t.shape)
     s = jnp.broadcast_to(s, shape)
     t = jnp.broadcast_to(t, shape)
-    valid = (s > -jnp.inf) & (t > -jnp.inf)
+    valid = (s != -jnp.inf) & (t != -jnp.inf)
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, bool), shape)
     s = jnp.where(valid, s, 0.0)
@@ -465,6 +467,13 @@ def decoupled_kd(
             f"[{concrete.min()}, {concrete.max()}]."
         )
     axis = axis % student_logits.ndim
+    batch_shape = jnp.broadcast_shapes(student_logits.shape, teacher_logits.shape)
+    batch_shape = batch_shape[:axis] + batch_shape[axis + 1 :]
+    if labels.shape != batch_shape:
+        raise ValueError(
+            f"labels have shape {labels.shape} but the logits need one label per example, shape {batch_shape}; "
+            "a label array is never broadcast over the examples."
+        )
     one_hot = jax.nn.one_hot(labels, num_classes, axis=axis, dtype=bool)
     log_q, log_p, valid = _pair_log_probs(student_logits, teacher_logits, temperature, axis, where)
     target = one_hot & valid
@@ -610,7 +619,7 @@ def top_k_kd(
     indices = jnp.broadcast_to(indices, batch_shape + indices.shape[-1:])
     log_q_k = jnp.take_along_axis(log_q_full, indices, axis=-1)
     q_valid_k = jnp.take_along_axis(q_valid, indices, axis=-1)
-    valid = (values > -jnp.inf) & q_valid_k
+    valid = (values != -jnp.inf) & q_valid_k
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, bool), values.shape)
     values = jnp.where(valid, values, 0.0)

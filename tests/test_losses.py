@@ -694,3 +694,39 @@ def test_low_precision_inputs_give_the_float32_values_of_the_same_numbers(dtype)
         L.hinton_kd(s, t, 3.0), 9.0 * np_forward_kl(np.asarray(s, np.float64), np.asarray(t, np.float64), 3.0),
         rtol=1e-4,
     )
+
+
+# ------------------------------------------------------------------ NaN is never a mask
+
+
+_NAN_LOSSES = [
+    lambda s, t: L.forward_kl(s, t, 2.0),
+    lambda s, t: L.reverse_kl(s, t, 2.0),
+    lambda s, t: L.hinton_kd(s, t, 4.0),
+    lambda s, t: L.generalized_jsd(s, t, 0.3, 2.0),
+    lambda s, t: L.logit_mse(s, t),
+    lambda s, t: L.decoupled_kd(s, t, labels=jnp.array([0, 1])),
+    lambda s, t: L.top_k_kd(s, *L.top_k_log_probs(t, k=3), 2.0),
+    lambda s, t: L.top_k_kd(s, *L.top_k_log_probs(t, k=3), 2.0, "bucket"),
+]
+
+
+@pytest.mark.parametrize("loss", _NAN_LOSSES)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_a_nan_logit_makes_its_row_nan_not_masked(loss, side):
+    clean = jnp.zeros((2, 10)).at[:, 0].set(3.0)
+    poisoned = clean.at[0, 4].set(jnp.nan)
+    s, t = (poisoned, clean) if side == "student" else (clean, poisoned)
+    value = np.asarray(loss(s, t))
+    assert np.isnan(value[0]), value  # the diverged row: NaN, never a loss of 0
+    assert np.isfinite(value[1]), value  # the other row is untouched
+    # A NaN where the caller masks the class out explicitly is legitimate padding.
+    masked = np.asarray(L.forward_kl(s, t, 2.0, where=jnp.arange(10) != 4))
+    assert np.all(np.isfinite(masked))
+
+
+def test_all_nan_student_logits_give_nan_kd_loss_not_zero():
+    # The minimal case of the report: before, [0., 0.].
+    assert np.all(np.isnan(np.asarray(L.hinton_kd(jnp.full((2, 10), jnp.nan), jnp.zeros((2, 10)), 4.0))))
+    log_p, valid = L.masked_log_softmax(jnp.array([0.0, jnp.nan, -jnp.inf]))
+    assert np.all(np.isnan(np.asarray(log_p[:2]))) and np.asarray(valid).tolist() == [True, True, False]

@@ -5,16 +5,29 @@ four items: ``params``, ``opt_state``, ``train`` (step and base RNG) and
 ``meta`` (JSON: the run's config and the parameter signature). Items are
 restored separately, so a distillation run can read only a teacher's
 ``params`` and ``meta``.
+
+Every saved step also holds ``checksums.sha256.json``, the SHA-256 of each of
+its files. Before anything is restored the step is verified: a flipped byte
+or a truncated file is reported, and a restore that did not ask for one
+particular epoch falls back to the newest intact step, saying so
+(:class:`CheckpointCorruptWarning`); if none is intact,
+:class:`CheckpointCorruptError`. Steps saved before checksums existed are
+trusted as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+CHECKSUMS = "checksums.sha256.json"
 
 
 PyTree = Any
@@ -28,6 +41,77 @@ def model_signature(params: Any) -> dict[str, list[int]]:
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written by a run with another model or configuration."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files do not match the checksums written with it."""
+
+
+class CheckpointCorruptWarning(UserWarning):
+    """The newest checkpoint is corrupted; an older, intact one is used instead."""
+
+
+def _file_digests(step_dir: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out[str(path.relative_to(step_dir))] = digest.hexdigest()
+    return out
+
+
+def _step_dir(directory: Path, epoch: int) -> Path:
+    return Path(directory).absolute() / str(int(epoch))
+
+
+def verify(directory: str | os.PathLike, epoch: int) -> list[str]:
+    """What is wrong with a saved step's files (missing, changed or unreadable); ``[]`` when intact or unchecked."""
+    step_dir = _step_dir(Path(directory), epoch)
+    try:
+        stored = json.loads((step_dir / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return []  # written before checksums existed
+    except (OSError, json.JSONDecodeError) as error:
+        return [f"{CHECKSUMS} unreadable ({error})"]
+    found = _file_digests(step_dir)
+    problems = [f"{name} missing" for name in stored if name not in found]
+    problems += [f"{name} changed" for name, digest in stored.items() if name in found and found[name] != digest]
+    return problems
+
+
+def intact_epoch(directory: str | os.PathLike, epoch: int | None = None) -> int:
+    """``epoch`` if intact, or (``epoch=None``) the newest intact saved epoch; see the module docstring."""
+    directory = Path(directory)
+    with _reader(directory) as mngr:
+        steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(
+            f"no checkpoint in {directory.absolute()}. Train one first "
+            "(python -m distill_jax train-teacher ...) or point to a run's checkpoints/ folder."
+        )
+    if epoch is not None:
+        problems = verify(directory, epoch)
+        if problems:
+            raise CheckpointCorruptError(f"checkpoint epoch {epoch} in {directory.absolute()} is corrupted: {'; '.join(problems)}.")
+        return int(epoch)
+    corrupted = []
+    for step in steps:
+        problems = verify(directory, step)
+        if not problems:
+            if corrupted:
+                warnings.warn(
+                    f"checkpoint {directory.absolute()}: " + "; ".join(corrupted)
+                    + f". Using epoch {step}, the newest intact one.",
+                    CheckpointCorruptWarning, stacklevel=3,
+                )
+            return int(step)
+        corrupted.append(f"epoch {step} is corrupted ({', '.join(problems[:3])})")
+    raise CheckpointCorruptError(
+        f"every checkpoint in {directory.absolute()} is corrupted: " + "; ".join(corrupted)
+        + ". Retrain, or restore the folder from a backup."
+    )
 
 
 def _abstract(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
@@ -54,8 +138,21 @@ def _abstract(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
+    """The manager a run saves with (creates ``directory``)."""
     directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    """A read-only manager: reading never creates, deletes or writes anything (a read-only run restores too)."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"no checkpoint folder {directory}. Point to a run directory (or its checkpoints/ folder) "
+            "that a finished or interrupted run wrote."
+        )
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None, save_interval_steps=0)
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -64,7 +161,7 @@ def latest_epoch(directory: str | os.PathLike) -> int | None:
     directory = Path(directory)
     if not directory.exists():
         return None
-    with manager(directory) as mngr:
+    with _reader(directory) as mngr:
         return mngr.latest_step()
 
 
@@ -94,18 +191,18 @@ def save(
         ),
     )
     mngr.wait_until_finished()
+    if jax.process_index() == 0:
+        step_dir = _step_dir(Path(str(mngr.directory)), epoch)
+        tmp = step_dir / (CHECKSUMS + ".tmp")
+        tmp.write_text(json.dumps(_file_digests(step_dir), indent=0, sort_keys=True))
+        tmp.replace(step_dir / CHECKSUMS)
 
 
 def read_meta(directory: str | os.PathLike, epoch: int | None = None) -> dict:
     """The JSON metadata (config, signature, epoch) of a checkpoint."""
     directory = Path(directory)
-    with manager(directory) as mngr:
-        epoch = mngr.latest_step() if epoch is None else epoch
-        if epoch is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {directory.absolute()}. Train one first "
-                "(python -m distill_jax train-teacher ...) or point to a run's checkpoints/ folder."
-            )
+    epoch = intact_epoch(directory, epoch)
+    with _reader(directory) as mngr:
         return mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
@@ -134,7 +231,7 @@ def restore_params(
     """
     meta = read_meta(directory, epoch)
     check_signature(meta, params_like, directory)
-    with manager(directory) as mngr:
+    with _reader(directory) as mngr:
         restored = mngr.restore(
             meta["epoch"],
             args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like, shardings))),
@@ -160,7 +257,7 @@ def restore_all(
     shardings = shardings or {}
     meta = read_meta(directory, epoch)
     check_signature(meta, params_like, directory)
-    with manager(directory) as mngr:
+    with _reader(directory) as mngr:
         restored = mngr.restore(
             meta["epoch"],
             args=ocp.args.Composite(

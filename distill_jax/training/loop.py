@@ -214,6 +214,27 @@ def _config_dict(config) -> dict:
     return json.loads(json.dumps(config, default=list))
 
 
+def _check_epoch_finite(epoch: int, train_metrics: Mapping, evaluation: Mapping, mngr) -> None:
+    """Stops the run (before this epoch is logged or saved) when a loss, gradient norm or evaluation loss is not finite."""
+    problems = []
+    if train_metrics.get("nonfinite_step"):
+        problems.append(f"the training loss or gradient norm is not finite from step {train_metrics['nonfinite_step']} on")
+    else:
+        bad = sorted(k for k, v in train_metrics.items() if not math.isfinite(v))
+        if bad:
+            problems.append(f"the training metrics {bad} are not finite")
+    for split, metrics in evaluation.items():
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            problems.append(f"the {split} loss is {metrics['loss']}")
+    if problems:
+        kept_epoch = mngr.latest_step()
+        kept = "no checkpoint has been written yet" if kept_epoch is None else f"the last good checkpoint (epoch {kept_epoch}) is kept"
+        raise FloatingPointError(
+            f"epoch {epoch + 1}: " + "; ".join(problems) + f". Training stopped and {kept}. "
+            "Lower the learning rate (or check the data and the teacher), then resume with --resume or start anew."
+        )
+
+
 def _should_cache(config: Mapping[str, Any], has_teacher: bool, tokens: bool = False) -> bool:
     """Whether to compute the teacher's logits once: ``cache_teacher`` is auto/true/false.
 
@@ -272,6 +293,7 @@ def run(
     _validate(config)
     config_dict = _config_dict(config)
     workdir = Path(workdir)
+    lead = jax.process_index() == 0  # the one process that writes the files and holds the lock
     checkpoint_dir = workdir / "checkpoints"
     existing = ckpt.latest_epoch(checkpoint_dir)
     if existing is not None and not resume:
@@ -279,11 +301,19 @@ def run(
             f"{workdir} already holds a checkpoint (epoch {existing}). Pass --resume to continue "
             "it, or choose another --workdir."
         )
-    workdir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        rundir.check_workdir(workdir, resume=resume, has_checkpoint=existing is not None)
+    with rundir.owned(workdir, enabled=lead):
+        return _run(config_dict, workdir, existing=existing, lead=lead, datasets=datasets, progress=progress,
+                    stop_after_epochs=stop_after_epochs)
 
+
+def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, datasets, progress: bool,
+         stop_after_epochs: int | None) -> dict:
+    """The body of :func:`run`, in a workdir this process owns."""
+    checkpoint_dir = workdir / "checkpoints"
     # Devices.
     mesh = sharding_lib.make_mesh(config_dict.get("mesh") or sharding_lib.DEFAULT_MESH)
-    lead = jax.process_index() == 0  # the one process that writes the JSON files
 
     # Data. Every process loads the split; each hands JAX only its own rows
     # (see distill_jax.sharding: "Data across processes").
@@ -428,11 +458,7 @@ def run(
             train_metrics = to_host(train_metrics)
             epoch_time = time.perf_counter() - t0
             last_eval = {name: to_host(evaluate(state.params, split)) for name, split in eval_splits.items()}
-            if any(not math.isfinite(v) for v in train_metrics.values()):
-                raise FloatingPointError(
-                    f"epoch {epoch + 1}: training metrics are not finite ({train_metrics}); "
-                    "lower the learning rate or check the data."
-                )
+            _check_epoch_finite(epoch, train_metrics, last_eval, mngr)
             record = {"epoch": epoch + 1, "step": int(state.step), "epoch_time_s": round(epoch_time, 3),
                       "train": train_metrics, **last_eval}
             log.append(record)

@@ -22,28 +22,54 @@ Reuse rules, implemented once here:
 
 JSON files are written atomically (:func:`write_json`): an interrupted write
 never leaves half a file behind.
+
+Ownership, also here: a run holds ``.lock`` in its directory for as long as
+it runs (:func:`owned`; an ``flock``, which the kernel releases when the
+process dies, so a crashed run never leaves it stuck), so a second run on the
+same directory fails at once; and a directory that holds files but is not a
+run directory, or a run whose results would be lost, is refused before
+anything is written (:func:`check_workdir`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import math
 import os
+import socket
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from distill_jax.training.checkpoint import CheckpointMismatchError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+LOCK = ".lock"
+MARKER = ".distill-jax-run"  # written when a run takes a directory: "this is one of ours"
+
+
+class WorkdirError(ValueError):
+    """A workdir that this run may not write into (not a run directory, or a run that would be lost)."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run holds the workdir."""
 
 __all__ = [
     "CONFIG",
     "METRICS",
     "RESULTS",
     "MetricsLog",
+    "WorkdirBusyError",
+    "WorkdirError",
     "check_same_config",
+    "check_workdir",
+    "is_run_dir",
+    "owned",
     "config_differences",
     "fingerprint",
     "read_json",
@@ -92,10 +118,93 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run directory of this library (its marker, or, for older runs, a config with metrics or checkpoints)."""
+    path = Path(path)
+    return (path / MARKER).exists() or ((path / CONFIG).exists() and ((path / METRICS).exists() or (path / "checkpoints").is_dir()))
+
+
+def check_workdir(workdir: str | os.PathLike, *, resume: bool, has_checkpoint: bool) -> None:
+    """Refuses, before anything is written, a workdir this run must not take.
+
+    * a directory that holds files but is not a run directory (someone else's);
+    * a run without checkpoints that already wrote ``results.json`` (its
+      checkpoints were deleted: restarting would replace its results);
+    * without ``resume``, a run that logged epochs but stopped before its
+      first checkpoint.
+    """
+    workdir = Path(workdir)
+    if not workdir.exists() or has_checkpoint:
+        return
+    if not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file, not a directory.")
+    contents = sorted(p.name for p in workdir.iterdir() if p.name != LOCK)
+    if not contents:
+        return
+    if not is_run_dir(workdir):
+        raise WorkdirError(
+            f"{workdir} holds files ({', '.join(contents[:5])}{', ...' if len(contents) > 5 else ''}) but is not a "
+            "distill-jax run directory; nothing is written into it. Choose an empty or new --workdir."
+        )
+    if (workdir / RESULTS).exists():
+        raise WorkdirError(
+            f"{workdir} holds the results.json of a finished run but no checkpoint (checkpoints/ was deleted or "
+            "pruned), so it can be neither resumed nor checked. Choose another --workdir, or delete this one."
+        )
+    if not resume and _read_lines(workdir / METRICS):
+        raise WorkdirError(
+            f"{workdir} holds a run that logged epochs but stopped before its first checkpoint. Pass --resume to "
+            "start it over in place, or choose another --workdir."
+        )
+
+
+@contextlib.contextmanager
+def owned(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[Path]:
+    """Holds ``workdir/.lock`` for the duration: a second run on the same workdir gets :class:`WorkdirBusyError`.
+
+    The lock is an ``flock`` on the file, which the kernel drops when the
+    holder exits or is killed: a crashed run never leaves the workdir stuck.
+    The file names the holder (host, pid, start time) for the error message.
+    ``enabled=False`` (processes other than the writer) only creates the folder.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not enabled:
+        yield workdir
+        return
+    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise WorkdirBusyError(
+                f"{workdir} is in use by another run ({holder}). Wait for it to finish, or use another --workdir."
+            ) from None
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        (workdir / MARKER).touch()
+        yield workdir
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
 def _read_lines(path: Path) -> list[dict]:
+    """The records of a metrics file; a torn last line (a crash mid-write, before that epoch's checkpoint) is dropped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise WorkdirError(f"{path}, line {i + 1}, is not JSON ({line[:60]!r}); the metrics file is damaged.") from None
+    return records
 
 
 def training_time_s(workdir: str | os.PathLike) -> float | None:

@@ -136,6 +136,7 @@ def make_train_step(
             params = projection(params)
         metrics = dict(metrics)
         metrics["accuracy"] = _mean(jnp.argmax(logits, -1) == batch["label"], mask)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return step
@@ -167,6 +168,22 @@ def make_layout(mesh, state_like: TrainState, student_rules, teacher_params: PyT
     return Layout(mesh, sharding_lib.train_state_shardings(state_like, student, mesh), teacher)
 
 
+def first_nonfinite_step(step_metrics: dict, first_step: Array) -> Array:
+    """The number (1-based, counting from the run's start) of the first step whose loss or gradient norm is not finite; 0 if none.
+
+    ``step_metrics``: the per-step metrics of a scanned epoch (leading axis:
+    the steps), ``first_step``: the state's step count before the epoch.
+    """
+    finite = None
+    for key in ("loss", "grad_norm"):
+        if key in step_metrics:
+            ok = jnp.isfinite(step_metrics[key])
+            finite = ok if finite is None else finite & ok
+    if finite is None:
+        return jnp.zeros_like(first_step)
+    return jnp.where(jnp.all(finite), 0, first_step + jnp.argmin(finite) + 1).astype(jnp.int32)
+
+
 def train_epoch_fn(
     step: Callable,
     *,
@@ -184,6 +201,7 @@ def train_epoch_fn(
     def epoch_fn(state, teacher_params, data, epoch):
         n = data["label"].shape[0] if num_examples is None else num_examples
         indices = epoch_indices(state.rng, epoch, n, batch_size)
+        first_step = state.step
 
         def body(state, idx):
             batch = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), data)
@@ -192,7 +210,9 @@ def train_epoch_fn(
             return step(state, teacher_params, batch)
 
         state, metrics = jax.lax.scan(body, state, indices)
-        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+        means = jax.tree_util.tree_map(jnp.mean, metrics)
+        means["nonfinite_step"] = first_nonfinite_step(metrics, first_step)
+        return state, means
 
     return epoch_fn
 

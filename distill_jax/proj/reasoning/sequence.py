@@ -308,6 +308,15 @@ def train(
     n = len(data["inputs"])
     if n == 0:
         raise ValueError("no training rows.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if "teacher_top_indices" in data:
+        indices = np.asarray(data["teacher_top_indices"])
+        if indices.size and (indices.min() < 0 or indices.max() >= config.vocab_size):
+            raise ValueError(
+                f"the top-k cache holds token ids in [{indices.min()}, {indices.max()}], outside the student's "
+                f"vocabulary [0, {config.vocab_size}): it was made by a teacher with another vocabulary."
+            )
     if spec.kind == "top_k" and "teacher_top_values" not in data:
         raise ValueError("loss 'top_k' needs teacher_top_values / teacher_top_indices in data (teacher_top_k_cache).")
     if on_policy_fraction and (prompts is None or max_new_tokens is None):

@@ -164,6 +164,8 @@ def parse_answer(text: str) -> int | None:
     digits = match.group(1)
     if len(digits) > 1 and digits[0] == "0":
         return None  # leading zeros are not the canonical answer
+    if len(digits) > 4000:
+        return None  # no problem of this task has such an answer (and int() refuses > 4300 digits)
     return int(digits)
 
 
@@ -173,7 +175,8 @@ def verify(problem: Problem, generated: str | Sequence[int]) -> bool:
     Everything up to the first ``<eos>`` counts; the trace is not checked, as
     in R1's rule-based accuracy reward.
     """
-    text = generated if isinstance(generated, str) else TOKENIZER.decode(generated, stop_at_eos=True)
+    # Padding is not skipped: "A:9<pad>45<eos>" is not the answer 945.
+    text = generated if isinstance(generated, str) else TOKENIZER.decode(generated, stop_at_eos=True, skip_pad=False)
     return parse_answer(text) == problem.answer
 
 
