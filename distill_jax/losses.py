@@ -644,8 +644,8 @@ def top_k_kd(
     rows = int(np.prod(batch_shape))
     kept = (
         jnp.zeros((rows, vocab), bool)
-        .at[jnp.arange(rows)[:, None], indices.reshape(rows, -1)]
-        .max(valid.reshape(rows, -1))
+        .at[jnp.arange(rows)[:, None], indices.reshape(rows, indices.shape[-1])]
+        .max(valid.reshape(rows, valid.shape[-1]))
         .reshape(batch_shape + (vocab,))
     )
     outside = q_valid & ~kept
@@ -770,7 +770,8 @@ def attention_transfer(
         raise ValueError("maps need at least a batch and a channel axis.")
 
     def attention(a):
-        q = jnp.mean(jnp.power(jnp.abs(a) + 0.0, p), axis=-1).reshape(a.shape[0], -1)
+        # Explicit sizes, not -1: an empty batch has no size to infer from.
+        q = jnp.mean(jnp.power(jnp.abs(a) + 0.0, p), axis=-1).reshape(a.shape[0], int(np.prod(a.shape[1:-1])))
         norm = jnp.sqrt(jnp.maximum(jnp.sum(q * q, axis=-1, keepdims=True), 1e-24))
         return q / norm
 

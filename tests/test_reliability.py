@@ -255,3 +255,13 @@ def test_the_cli_names_an_unknown_config_key_and_a_missing_checkpoint_without_cr
     err = capsys.readouterr().err
     assert rc == 1 and "FileNotFoundError: no checkpoint folder" in err and "Traceback" not in err
     assert not (tmp_path / "no_such_run").exists()
+
+
+def test_empty_batches_give_empty_losses_not_a_division_by_zero():
+    from distill_jax import losses
+
+    student = np.zeros((0, 10), np.float32)
+    values, indices = losses.top_k_log_probs(student, k=3)
+    for tail in ("renormalize", "bucket"):
+        assert losses.top_k_kd(student, values, indices, tail=tail).shape == (0,)
+    assert losses.attention_transfer(np.zeros((0, 4, 4, 3)), np.zeros((0, 4, 4, 3))).shape == (0,)
