@@ -265,3 +265,23 @@ def test_empty_batches_give_empty_losses_not_a_division_by_zero():
     for tail in ("renormalize", "bucket"):
         assert losses.top_k_kd(student, values, indices, tail=tail).shape == (0,)
     assert losses.attention_transfer(np.zeros((0, 4, 4, 3)), np.zeros((0, 4, 4, 3))).shape == (0,)
+
+
+def test_a_kv_cache_used_past_its_length_is_an_error_or_nan_never_a_silent_overwrite():
+    import jax.numpy as jnp
+
+    from distill_jax.models import transformer as tf
+
+    config = tf.TransformerConfig(vocab_size=11, dim=8, depth=1, num_heads=2, num_kv_heads=1, mlp_dim=8, max_len=16)
+    params = tf.init_params(config, jax.random.key(0))
+    model = tf.Transformer(config)
+    cache = tf.init_cache(config, 1, length=4)
+    logits, cache = model.apply({"params": params}, jnp.array([[1, 2, 3]]), cache=cache)
+    assert np.all(np.isfinite(np.asarray(logits)))
+    with pytest.raises(ValueError, match="the KV cache has 4 slots, 3 used: 2 more tokens do not fit"):
+        model.apply({"params": params}, jnp.array([[4, 5]]), cache=cache)
+    step = jax.jit(lambda c, tokens: model.apply({"params": params}, tokens, cache=c))
+    fits, cache = step(cache, jnp.array([[4]]))
+    assert np.all(np.isfinite(np.asarray(fits)))
+    over, _ = step(cache, jnp.array([[5]]))  # slot 5 of 4, under jit
+    assert np.all(np.isnan(np.asarray(over)))

@@ -245,6 +245,16 @@ class Transformer(nn.Module):
             index = None
         else:
             index = cache["index"]
+            slots = cache["valid"].shape[1]
+            try:  # a concrete index (eager use): a cache too short is an error
+                overflow_now = int(index) + t > slots
+            except (jax.errors.TracerIntegerConversionError, jax.errors.ConcretizationTypeError):
+                overflow_now = False
+            if overflow_now:
+                raise ValueError(
+                    f"the KV cache has {slots} slots, {int(index)} used: {t} more tokens do not fit. "
+                    "Make a longer cache (init_cache(..., length=...))."
+                )
             positions = jnp.maximum(cache["next_position"][:, None] + offsets, 0)
             key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
             slots_q = index + jnp.arange(t)
@@ -270,6 +280,8 @@ class Transformer(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
+        # Under jit the index is traced: a cache used past its length gives NaN logits, never a silent overwrite.
+        logits = jnp.where(index + t > slots, jnp.nan, logits)
         new_cache = {
             "layers": new_layers,
             "valid": key_valid,
