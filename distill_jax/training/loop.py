@@ -200,7 +200,7 @@ def _top_k_temperature(spec: Mapping[str, Mapping[str, Any]]) -> float | None:
     temps = {float(t.get("temperature", 1.0)) for t in spec.values() if t.get("loss") == "top_k_kd"}
     if len(temps) > 1:
         raise ValueError(f"the top_k_kd terms use temperatures {sorted(temps)}; one teacher cache needs one.")
-    if temps and len(temps) != 0 and any(t.get("loss") not in ("top_k_kd", "cross_entropy") for t in spec.values()):
+    if temps and any(t.get("loss") not in ("top_k_kd", "cross_entropy") for t in spec.values()):
         raise ValueError(
             "an objective with a top_k_kd term gets the teacher as a cached top-k only; its other terms "
             "can only be cross_entropy."
