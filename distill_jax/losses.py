@@ -15,8 +15,10 @@ Conventions shared by every loss here:
   *before* any arithmetic, the "double where" trick).
 * Usable under ``jit``, ``grad`` and ``vmap``. Arguments that can be checked
   without tracing (temperature, beta, class counts, index ranges) are checked
-  eagerly and give a ``ValueError`` that says what to change; traced values
-  (e.g. a temperature from a schedule inside ``jit``) cannot be checked.
+  eagerly and give a ``ValueError`` that says what to change. A traced
+  temperature, label or index that is invalid (e.g. a schedule reaching
+  T = 0 inside ``jit``) makes the loss NaN, never a finite wrong value, and
+  raises at the source with traced checks on (:mod:`distill_jax.checks`).
 
 The hard-label term is optax's own
 ``optax.losses.softmax_cross_entropy_with_integer_labels``; it is not
@@ -30,6 +32,8 @@ from typing import Literal, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from distill_jax import checks
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -76,6 +80,17 @@ def _check_temperature(temperature) -> None:
             f"temperature must be a finite number > 0, got {value}. "
             "Hinton et al. use T in [1, 20]; T=1 is the plain softmax."
         )
+
+
+def _temperature(temperature) -> Array:
+    """T as float32, checked; a traced T that is not finite and > 0 becomes NaN (so is the loss)."""
+    _check_temperature(temperature)
+    t = jnp.asarray(temperature, jnp.float32)
+    if _concrete(temperature) is not None:
+        return t
+    ok = jnp.isfinite(t) & (t > 0)
+    checks.require(ok, "temperature must be a finite number > 0")
+    return checks.poison(t, ok)
 
 
 def _check_beta(beta) -> None:
@@ -155,14 +170,13 @@ def _pair_log_probs(student_logits, teacher_logits, temperature, axis, where):
     student_logits = jnp.asarray(student_logits)
     teacher_logits = jnp.asarray(teacher_logits)
     _check_same_classes(student_logits, teacher_logits, axis)
-    _check_temperature(temperature)
+    temperature = _temperature(temperature)
     s = _float32(student_logits)
     t = _float32(teacher_logits)
     shape = jnp.broadcast_shapes(s.shape, t.shape)
     valid = (jnp.broadcast_to(s, shape) != -jnp.inf) & (jnp.broadcast_to(t, shape) != -jnp.inf)
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, bool), shape)
-    temperature = jnp.asarray(temperature, jnp.float32)
     s_scaled = jnp.where(valid, jnp.broadcast_to(s, shape), 0.0) / temperature
     t_scaled = jnp.where(valid, jnp.broadcast_to(t, shape), 0.0) / temperature
     log_q, _ = masked_log_softmax(s_scaled, axis=axis, where=valid)
@@ -289,8 +303,7 @@ def hinton_kd(
       >>> hinton_kd(s, t, temperature=4.0)
       Array([1.3196...], dtype=float32)
     """
-    _check_temperature(temperature)
-    t_sq = jnp.square(jnp.asarray(temperature, jnp.float32))
+    t_sq = jnp.square(_temperature(temperature))
     return t_sq * forward_kl(student_logits, teacher_logits, temperature, axis=axis, where=where)
 
 
@@ -457,15 +470,10 @@ def decoupled_kd(
     student_logits = jnp.asarray(student_logits)
     teacher_logits = jnp.asarray(teacher_logits)
     _check_same_classes(student_logits, teacher_logits, axis)
-    _check_temperature(temperature)
+    temperature = _temperature(temperature)
     num_classes = student_logits.shape[axis]
     labels = jnp.asarray(labels)
-    concrete = _concrete(labels)
-    if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() >= num_classes):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}), got values in "
-            f"[{concrete.min()}, {concrete.max()}]."
-        )
+    labels_ok = checks.in_range(labels, num_classes, "labels")
     axis = axis % student_logits.ndim
     batch_shape = jnp.broadcast_shapes(student_logits.shape, teacher_logits.shape)
     batch_shape = batch_shape[:axis] + batch_shape[axis + 1 :]
@@ -500,8 +508,8 @@ def decoupled_kd(
     b_t, _, n_t = binary_and_rest(log_p)
     tckd = _kl(b_t, b_s, b_valid, -1)
     nckd = _kl(n_t, n_s, others, axis)
-    t_sq = jnp.square(jnp.asarray(temperature, jnp.float32))
-    return t_sq * (jnp.asarray(alpha, jnp.float32) * tckd + jnp.asarray(beta, jnp.float32) * nckd)
+    loss = jnp.square(temperature) * (jnp.asarray(alpha, jnp.float32) * tckd + jnp.asarray(beta, jnp.float32) * nckd)
+    return loss if labels_ok is None else checks.poison(loss, labels_ok)
 
 
 def top_k_log_probs(
@@ -522,9 +530,8 @@ def top_k_log_probs(
     Returns:
       ``(values, indices)``, float32 and int32, class axis moved last.
     """
-    _check_temperature(temperature)
     logits = jnp.moveaxis(_float32(teacher_logits), axis, -1)
-    log_p, valid = masked_log_softmax(logits / jnp.asarray(temperature, jnp.float32))
+    log_p, valid = masked_log_softmax(logits / _temperature(temperature))
     log_p = jnp.where(valid, log_p, -jnp.inf)
     vocab = log_p.shape[-1]
     if k <= 0:
@@ -592,7 +599,7 @@ def top_k_kd(
     """
     if tail not in ("renormalize", "bucket"):
         raise ValueError(f"tail must be 'renormalize' or 'bucket', got {tail!r}.")
-    _check_temperature(temperature)
+    temperature = _temperature(temperature)
     student = jnp.moveaxis(_float32(student_logits), axis, -1)
     values = _float32(teacher_top_values)
     indices = jnp.asarray(teacher_top_indices)
@@ -604,14 +611,9 @@ def top_k_kd(
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"teacher_top_indices must be integers, got {indices.dtype}.")
     vocab = student.shape[-1]
-    concrete = _concrete(indices)
-    if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() >= vocab):
-        raise ValueError(
-            f"teacher_top_indices must lie in [0, {vocab}) (the student's vocabulary), "
-            f"got values in [{concrete.min()}, {concrete.max()}]. Pad with a valid "
-            "index and a -inf value instead of an out-of-range index."
-        )
-    log_q_full, q_valid = masked_log_softmax(student / jnp.asarray(temperature, jnp.float32))
+    indices_ok = checks.in_range(indices, vocab, "teacher_top_indices",
+                           " They index the student's vocabulary: pad with a valid index and a -inf value instead.")
+    log_q_full, q_valid = masked_log_softmax(student / temperature)
     batch_shape = jnp.broadcast_shapes(student.shape[:-1], values.shape[:-1])
     log_q_full = jnp.broadcast_to(log_q_full, batch_shape + (vocab,))
     q_valid = jnp.broadcast_to(q_valid, batch_shape + (vocab,))
@@ -628,7 +630,7 @@ def top_k_kd(
     if tail == "renormalize":
         log_p_hat, _ = masked_log_softmax(values, where=valid)
         log_q_hat, _ = masked_log_softmax(log_q_k, where=valid)
-        return _kl(log_p_hat, log_q_hat, valid, -1)
+        return _poison_rows(_kl(log_p_hat, log_q_hat, valid, -1), indices_ok)
 
     # Teacher tail: log(1 - sum_K p) = log1p(-exp(logsumexp_K log p)), clamped
     # at 0 mass (a cache stored in bf16 can sum to slightly over 1).
@@ -669,7 +671,12 @@ def top_k_kd(
     log_p_common, _ = masked_log_softmax(log_p, where=full_valid)
     log_p = jnp.where(dropped, log_p_common, jnp.where(full_valid, log_p, 0.0))
     log_q = jnp.where(full_valid, log_q, 0.0)
-    return _kl(log_p, log_q, full_valid, -1)
+    return _poison_rows(_kl(log_p, log_q, full_valid, -1), indices_ok)
+
+
+def _poison_rows(loss: Array, entries_ok: Array | None) -> Array:
+    """NaN for every row with an invalid entry (``entries_ok`` has a trailing entry axis)."""
+    return loss if entries_ok is None else checks.poison(loss, jnp.all(entries_ok, axis=-1))
 
 
 # --------------------------------------------------------------------------

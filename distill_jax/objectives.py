@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distill_jax import losses
+from distill_jax import checks, losses
 
 Array = jax.Array
 Objective = Callable[..., tuple[Array, dict[str, Array]]]
@@ -84,12 +84,16 @@ def cross_entropy(student_logits, teacher_logits, batch, *, label_key: str = "la
     """Hard-label term: optax's softmax cross-entropy with ``batch[label_key]``.
 
     ``teacher_logits`` is ignored (it may be None), so the same objective
-    machinery trains teachers and hard-label students.
+    machinery trains teachers and hard-label students. A label outside
+    ``[0, num_classes)`` is an error, or a NaN loss under ``jit`` (optax
+    alone wraps -1 to the last class, a finite wrong value).
     """
     del teacher_logits
-    return optax.losses.softmax_cross_entropy_with_integer_labels(
-        jnp.asarray(student_logits).astype(jnp.float32), batch[label_key]
-    )
+    logits = jnp.asarray(student_logits).astype(jnp.float32)
+    labels = jnp.asarray(batch[label_key])
+    ok = checks.in_range(labels, logits.shape[-1], f"batch[{label_key!r}] (class labels)")
+    loss = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return loss if ok is None else checks.poison(loss, ok)
 
 
 def masked_mean(values: Array, mask: Array | None = None) -> Array:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import sharding_worker as w
-from distill_jax import training
+from distill_jax import checks, training
 from distill_jax.training import checkpoint as ckpt
 from distill_jax.training import loop as loop_lib
 from distill_jax.training import rundir
@@ -280,8 +280,123 @@ def test_a_kv_cache_used_past_its_length_is_an_error_or_nan_never_a_silent_overw
     assert np.all(np.isfinite(np.asarray(logits)))
     with pytest.raises(ValueError, match="the KV cache has 4 slots, 3 used: 2 more tokens do not fit"):
         model.apply({"params": params}, jnp.array([[4, 5]]), cache=cache)
-    step = jax.jit(lambda c, tokens: model.apply({"params": params}, tokens, cache=c))
-    fits, cache = step(cache, jnp.array([[4]]))
-    assert np.all(np.isfinite(np.asarray(fits)))
-    over, _ = step(cache, jnp.array([[5]]))  # slot 5 of 4, under jit
+    with checks.traced_checks(False):
+        step = jax.jit(lambda c, tokens: model.apply({"params": params}, tokens, cache=c))
+        fits, cache = step(cache, jnp.array([[4]]))
+        assert np.all(np.isfinite(np.asarray(fits)))
+        over, _ = step(cache, jnp.array([[5]]))  # slot 5 of 4, under jit
     assert np.all(np.isnan(np.asarray(over)))
+    checked = jax.jit(lambda c, tokens: model.apply({"params": params}, tokens, cache=c))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="the KV cache has 4 slots: 1 more tokens do not fit"):
+        jax.block_until_ready(checked(cache, jnp.array([[5]])))
+
+
+# Traced values: NaN with checks off (never a finite wrong value), an error at the source with them on.
+
+def _traced_cases():
+    import jax.numpy as jnp
+
+    from distill_jax import losses, objectives
+
+    s = jnp.array([[2.0, 1.0, 0.0], [0.5, 0.0, 1.0]])
+    labels = jnp.array([0, 1])
+    values, indices = losses.top_k_log_probs(s, k=2)
+    return {
+        "hinton_kd temperature 0": (lambda t: losses.hinton_kd(s, s + 1.0, t), 0.0, "temperature must be a finite number > 0"),
+        "forward_kl temperature -1": (lambda t: losses.forward_kl(s, s * 2.0, t), -1.0, "temperature must be"),
+        "top_k_log_probs temperature 0": (lambda t: losses.top_k_log_probs(s, 2, t)[0], 0.0, "temperature must be"),
+        "decoupled_kd temperature 0": (lambda t: losses.decoupled_kd(s, s * 2.0, labels, temperature=t), 0.0, "temperature must be"),
+        "decoupled_kd label 3": (lambda y: losses.decoupled_kd(s, s * 2.0, y), jnp.array([0, 3]), r"labels must lie in \[0, 3\)"),
+        "decoupled_kd label -1": (lambda y: losses.decoupled_kd(s, s * 2.0, y), jnp.array([-1, 0]), "labels must lie in"),
+        "top_k_kd index 3": (lambda i: losses.top_k_kd(s, values, i), indices.at[0, 0].set(3), r"teacher_top_indices must lie in \[0, 3\)"),
+        "top_k_kd index -1 bucket": (lambda i: losses.top_k_kd(s, values, i, tail="bucket"), indices.at[1, 1].set(-1), "teacher_top_indices"),
+        "cross_entropy label -1": (lambda y: objectives.cross_entropy(s, None, {"label": y}), jnp.array([-1, 0]), r"class labels\) must lie in \[0, 3\)"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_traced_cases()))
+def test_an_invalid_traced_argument_gives_nan_or_an_error_never_a_finite_value(case):
+    fn, bad, message = _traced_cases()[case]
+    with checks.traced_checks(False):
+        out = np.asarray(jax.jit(lambda x: fn(x))(bad))
+    assert np.isnan(out).any(), out
+    if "label" in case or "index" in case:
+        assert np.isnan(out).sum() < out.size, "only the row with the bad entry is NaN"
+    with checks.traced_checks(True), pytest.raises(jax.errors.JaxRuntimeError, match=message):
+        jax.block_until_ready(jax.jit(lambda x: fn(x))(bad))
+    with pytest.raises(ValueError, match=message):  # the same value, concrete: raised at once
+        fn(bad)
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error_eagerly_and_nan_under_jit():
+    import jax.numpy as jnp
+
+    from distill_jax.models import transformer as tf
+
+    config = tf.TransformerConfig(vocab_size=11, dim=8, depth=1, num_heads=2, num_kv_heads=1, mlp_dim=8, max_len=16)
+    params = tf.init_params(config, jax.random.key(0))
+    model = tf.Transformer(config)
+    tokens = jnp.array([[1, 2, 3], [4, 11, 5]])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 11\), got values in \[1, 11\]"):
+        model.apply({"params": params}, tokens)
+    padded = model.apply({"params": params}, tokens, valid=tokens < 11)  # padding may hold any id
+    assert np.isfinite(np.asarray(padded)).all()
+    with checks.traced_checks(False):
+        logits = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(tokens.at[0, 0].set(-1)))
+    assert np.isnan(logits).all(), "both rows hold a bad id"
+    with checks.traced_checks(False):
+        logits = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(tokens.at[1, 1].set(0)))
+    assert np.isfinite(logits).all()
+    with checks.traced_checks(True), pytest.raises(jax.errors.JaxRuntimeError, match=r"token ids must lie in \[0, 11\)"):
+        jax.block_until_ready(jax.jit(lambda x: model.apply({"params": params}, x))(tokens))
+
+
+def test_labels_outside_the_models_classes_are_refused_before_training(tmp_path):
+    data = {k: v for k, v in DATA.items()}
+    train = data["train"]
+    labels = np.array(train.labels)
+    labels[7] = 10
+    data["train"] = type(train)(train.images, labels)
+    with pytest.raises(ValueError, match=r"the train split's 'label' ids lie in \[0, 10\], outside the model's 10 classes"):
+        training.run(_config(1), tmp_path / "run", datasets=data, progress=False)
+    assert not (tmp_path / "run" / rundir.CONFIG).exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """``view(path)``: a read-only bind mount of ``path`` (needs mount rights: root in a container)."""
+    mounts = []
+
+    def view(path: Path) -> Path:
+        target = tmp_path / f"read_only_{len(mounts)}"
+        target.mkdir()
+        bind = subprocess.run(["mount", "--bind", str(path), str(target)], capture_output=True)
+        if bind.returncode:
+            pytest.skip(f"cannot bind-mount here: {bind.stderr.decode().strip()}")
+        mounts.append(target)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+        with pytest.raises(OSError):
+            (target / "probe").touch()
+        return target
+
+    yield view
+    for target in reversed(mounts):
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_finished_read_only_run_can_be_re_evaluated_and_used_as_a_teacher(tmp_path, read_only_view, capsys):
+    from distill_jax import cli
+
+    config = _config(1)
+    done = training.run(config, tmp_path / "run", datasets=DATA, progress=False)
+    run = read_only_view(tmp_path / "run")
+    again = training.run(config, run, datasets=DATA, progress=False, resume=True)  # re-evaluates, writes nothing
+    assert again["test"] == done["test"] and again["epochs"] == 1 and _leaves_equal(again["params"], done["params"])
+    apply_fn, params, _ = training.load_teacher(run)
+    assert _leaves_equal(params, done["params"])
+    assert cli.main(["distill-jax", "evaluate", f"--checkpoint={run}", "--dataset=mnist", "--split=test"]) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    student = _config(1, objective={"soft": {"loss": "hinton_kd", "weight": 1.0, "temperature": 4.0}})
+    student.teacher.checkpoint = str(run)
+    student.model.hidden = (16,)
+    assert training.run(student, tmp_path / "student", datasets=DATA, progress=False)["epochs"] == 1

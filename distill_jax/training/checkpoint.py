@@ -137,8 +137,10 @@ def _abstract(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
     return jax.tree_util.tree_map(target, tree, shardings)
 
 
-def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
-    """The manager a run saves with (creates ``directory``)."""
+def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    """The manager a run saves with (creates ``directory``); ``read_only``: one that only reads (a finished run)."""
+    if read_only:
+        return _reader(directory)
     directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(directory, options=options)

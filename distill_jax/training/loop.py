@@ -231,7 +231,9 @@ def _check_epoch_finite(epoch: int, train_metrics: Mapping, evaluation: Mapping,
         kept = "no checkpoint has been written yet" if kept_epoch is None else f"the last good checkpoint (epoch {kept_epoch}) is kept"
         raise FloatingPointError(
             f"epoch {epoch + 1}: " + "; ".join(problems) + f". Training stopped and {kept}. "
-            "Lower the learning rate (or check the data and the teacher), then resume with --resume or start anew."
+            "Lower the learning rate (or check the data and the teacher), then resume with --resume or start anew. "
+            "To find an invalid traced value (a temperature <= 0, an id out of range) at its source, "
+            "rerun with DISTILL_JAX_CHECKS=1."
         )
 
 
@@ -303,14 +305,16 @@ def run(
         )
     if lead:
         rundir.check_workdir(workdir, resume=resume, has_checkpoint=existing is not None)
-    with rundir.owned(workdir, enabled=lead):
+    # Resuming a finished run only re-evaluates it: it writes nothing, so a read-only run can be re-evaluated.
+    reevaluate = existing is not None and existing >= int(config_dict["num_epochs"]) and (workdir / rundir.RESULTS).exists()
+    with rundir.owned(workdir, enabled=lead, read_only=reevaluate):
         return _run(config_dict, workdir, existing=existing, lead=lead, datasets=datasets, progress=progress,
-                    stop_after_epochs=stop_after_epochs)
+                    stop_after_epochs=stop_after_epochs, reevaluate=reevaluate)
 
 
 def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, datasets, progress: bool,
-         stop_after_epochs: int | None) -> dict:
-    """The body of :func:`run`, in a workdir this process owns."""
+         stop_after_epochs: int | None, reevaluate: bool = False) -> dict:
+    """The body of :func:`run`, in a workdir this process owns (or, ``reevaluate``, only reads)."""
     checkpoint_dir = workdir / "checkpoints"
     # Devices.
     mesh = sharding_lib.make_mesh(config_dict.get("mesh") or sharding_lib.DEFAULT_MESH)
@@ -321,7 +325,8 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     model_config = dict(config_dict["model"])
     tokens = models.is_token_model(model_config)
     inputs = TOKEN_INPUTS if tokens else IMAGE_INPUTS
-    train_arrays = _arrays(splits["train"], tokens)
+    split_arrays = {name: _arrays(splits[name], tokens) for name in ("train", "val", "test") if name in splits}
+    train_arrays = split_arrays["train"]
     for name, array in train_arrays.items():
         if np.issubdtype(array.dtype, np.floating):
             _check_finite(f"the training {name}s", array)
@@ -357,6 +362,7 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
             teacher_path, num_classes, mesh=mesh, partition=config_dict.get("teacher_partition")
         )
         teacher_rules = partition_rules(models.create(teacher_model), config_dict.get("teacher_partition"))
+    _check_ids(split_arrays, num_classes, tokens)  # after the teacher: its class-count error names the cause better
     needs_teacher = any(
         spec.get("loss", "cross_entropy") != "cross_entropy" for spec in config_dict["objective"].values()
     )
@@ -437,18 +443,19 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
         )
         state = TrainState(train_state["step"], params, opt_state, train_state["rng"])
         start_epoch = int(meta["epoch"])
-    if lead:
+    writes = lead and not reevaluate
+    if writes:
         rundir.write_json(workdir / rundir.CONFIG, config_dict, sort_keys=True)
 
     # Evaluation splits: replicated on the mesh (global arrays, multi-process safe).
     eval_splits = {
-        name: {key: sharding_lib.replicate(array, mesh) for key, array in _arrays(splits[name], tokens).items()}
-        for name in ("val", "test") if name in splits
+        name: {key: sharding_lib.replicate(array, mesh) for key, array in split_arrays[name].items()}
+        for name in ("val", "test") if name in split_arrays
     }
     end_epoch = num_epochs if stop_after_epochs is None else min(num_epochs, start_epoch + stop_after_epochs)
     last_eval: dict = {}
-    with rundir.MetricsLog(workdir, resume_from=start_epoch, purge_step=int(state.step), enabled=lead) as log, \
-            ckpt.manager(checkpoint_dir) as mngr, tqdm(
+    with rundir.MetricsLog(workdir, resume_from=start_epoch, purge_step=int(state.step), enabled=writes) as log, \
+            ckpt.manager(checkpoint_dir, read_only=reevaluate) as mngr, tqdm(
         total=num_epochs, initial=start_epoch, desc=workdir.name, unit="epoch",
         disable=not (progress and config_dict.get("progress", True) and lead), leave=False,
     ) as bar:
@@ -503,6 +510,20 @@ def _arrays(split, tokens: bool) -> dict[str, np.ndarray]:
         return {"inputs": np.asarray(split["inputs"], np.int32), "valid": np.asarray(split["valid"], bool),
                 "label": np.asarray(split["label"], np.int32), "mask": np.asarray(split["mask"], np.float32)}
     return {"image": np.asarray(split.images), "label": np.asarray(split.labels, np.int32)}
+
+
+def _check_ids(split_arrays: Mapping[str, Mapping[str, np.ndarray]], num_classes: int, tokens: bool) -> None:
+    """Labels (and token ids) outside the model's outputs are refused before training: under jit they would index wrongly."""
+    what = "vocabulary" if tokens else "classes"
+    for name, arrays in split_arrays.items():
+        for key in ("label", "inputs") if tokens else ("label",):
+            ids = arrays[key] if key == "label" else np.where(arrays["valid"], arrays[key], 0)
+            if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+                raise ValueError(
+                    f"the {name} split's {key!r} ids lie in [{ids.min()}, {ids.max()}], outside the model's "
+                    f"{num_classes} {what} [0, {num_classes}). Set config.model to the data's "
+                    f"{'vocabulary size' if tokens else 'number of classes'}, or fix the data."
+                )
 
 
 def _jitter_images(key, batch: dict, *, max_shift: int) -> dict:

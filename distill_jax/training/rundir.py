@@ -159,15 +159,21 @@ def check_workdir(workdir: str | os.PathLike, *, resume: bool, has_checkpoint: b
 
 
 @contextlib.contextmanager
-def owned(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[Path]:
+def owned(workdir: str | os.PathLike, *, enabled: bool = True, read_only: bool = False) -> Iterator[Path]:
     """Holds ``workdir/.lock`` for the duration: a second run on the same workdir gets :class:`WorkdirBusyError`.
 
     The lock is an ``flock`` on the file, which the kernel drops when the
     holder exits or is killed: a crashed run never leaves the workdir stuck.
     The file names the holder (host, pid, start time) for the error message.
     ``enabled=False`` (processes other than the writer) only creates the folder.
+    ``read_only=True`` (re-evaluating a finished run) takes a shared lock and
+    writes nothing, so readers run side by side and on read-only folders,
+    while a writer still excludes them.
     """
     workdir = Path(workdir)
+    if read_only:
+        yield from _shared(workdir, enabled)
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     if not enabled:
         yield workdir
@@ -189,6 +195,22 @@ def owned(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[Path]
         yield workdir
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _shared(workdir: Path, enabled: bool) -> Iterator[Path]:
+    if not enabled or not (workdir / LOCK).exists():  # a run from before locks, or another process: nothing to share
+        yield workdir
+        return
+    fd = os.open(workdir / LOCK, os.O_RDONLY)  # flock needs no write access
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise WorkdirBusyError(f"{workdir} is being written by another run ({holder}). Wait for it to finish.") from None
+        yield workdir
+    finally:
+        os.close(fd)
 
 
 def _read_lines(path: Path) -> list[dict]:
