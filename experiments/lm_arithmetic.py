@@ -55,4 +55,6 @@ def get_config(arg: str = "teacher") -> ml_collections.ConfigDict:
             {"kd": {"loss": "top_k_kd", "weight": 1.0, "temperature": 1.0, "tail": "bucket"}}
         )
     c.teacher = ml_collections.ConfigDict({"checkpoint": "", "top_k": 4 if profile == "top_k" else 0})
+    if profile == "top_k":  # or a cache on disk (distill_jax.data.teacher_cache) instead of the teacher checkpoint
+        c.teacher.cache_dir = ""
     return c

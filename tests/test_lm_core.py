@@ -259,3 +259,27 @@ def test_lm_distillation_from_the_cli_killed_and_resumed_on_fsdp_mesh_ends_bitwi
     assert _leaves_equal(a, b)
     assert _lines(tmp_path / "run") == _lines(tmp_path / "full")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["mesh"] == {"fsdp": 4, "data": 2}
+
+
+def test_top_k_distillation_from_an_on_disk_cache_equals_the_in_memory_cache(tmp_path, lm_teacher):
+    from distill_jax.data import teacher_cache
+
+    teacher_dir, _ = lm_teacher
+    config = w.lm_config("top_k", **STUDENT, **{"teacher.checkpoint": str(teacher_dir)})
+    train = training.load_datasets(json.loads(config.to_json_best_effort()))["train"]
+    apply_t, teacher_params, _ = training.load_teacher(teacher_dir)
+    cache = teacher_cache.write(
+        tmp_path / "cache", lambda x, v: apply_t(teacher_params, x, v), train["inputs"], train["valid"],
+        k=config.teacher.top_k, temperature=1.0, vocab_size=int(config.model.vocab_size),
+        teacher=teacher_cache.fingerprint_files(teacher_dir / "checkpoints"), tokenizer="arithmetic-chars",
+        shard_rows=200, batch_size=64)
+    print(f"teacher cache: {cache.bytes_per_token} bytes per token, k={config.teacher.top_k}")
+    in_memory = training.run(config, tmp_path / "in_memory", progress=False)
+    from_disk = w.lm_config("top_k", **STUDENT, **{"teacher.checkpoint": "", "teacher.cache_dir": str(tmp_path / "cache")})
+    result = training.run(from_disk, tmp_path / "from_disk", progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(result["params"]), jax.tree_util.tree_leaves(in_memory["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    other = w.lm_config("top_k", **(STUDENT | {"task.num_train": 256, "teacher.checkpoint": "",
+                                               "teacher.cache_dir": str(tmp_path / "cache")}))
+    with pytest.raises(teacher_cache.CacheMismatchError, match="other token rows than this training split"):
+        training.run(other, tmp_path / "other", progress=False)

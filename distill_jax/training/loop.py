@@ -44,6 +44,7 @@ import optax
 from tqdm import tqdm
 
 from distill_jax import data as data_lib
+from distill_jax.data import teacher_cache
 from distill_jax import losses, models, objectives
 from distill_jax import sharding as sharding_lib
 from distill_jax.models import transformer
@@ -366,7 +367,8 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     needs_teacher = any(
         spec.get("loss", "cross_entropy") != "cross_entropy" for spec in config_dict["objective"].values()
     )
-    if needs_teacher and teacher_apply is None:
+    cache_dir = (config_dict.get("teacher") or {}).get("cache_dir") or ""
+    if needs_teacher and teacher_apply is None and not cache_dir:
         raise ValueError(
             "the objective has a distillation term but config.teacher.checkpoint is empty; "
             "point it at a teacher run (e.g. --config.teacher.checkpoint=runs/teacher)."
@@ -389,7 +391,19 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     # params), teacher per teacher_rules, data and batches over the data axes.
     layout = make_layout(mesh, jax.eval_shape(init_state), student_rules, teacher_params, teacher_rules)
 
-    if top_k_temperature is not None:
+    if cache_dir:
+        # A teacher cache on disk (distill_jax.data.teacher_cache): made once, by this teacher, of these rows.
+        if top_k_temperature is None:
+            raise ValueError("config.teacher.cache_dir is set but the objective has no top_k_kd term to use it.")
+        if not tokens:
+            raise ValueError("config.teacher.cache_dir holds per-token caches; this model is not a language model.")
+        cache = teacher_cache.open_cache(cache_dir)
+        cache.check(vocab_size=num_classes, k=top_k, temperature=top_k_temperature,
+                    inputs=train_arrays["inputs"], valid=train_arrays["valid"])
+        values, indices, _ = cache.all_rows()
+        train_data["teacher_top_values"] = sharding_lib.shard_rows(values, mesh, num_rows)
+        train_data["teacher_top_indices"] = sharding_lib.shard_rows(indices, mesh, num_rows)
+    elif top_k_temperature is not None:
         if teacher_apply is None:
             raise ValueError("the objective has a top_k_kd term but config.teacher.checkpoint is empty.")
         transform = functools.partial(losses.top_k_log_probs, k=top_k, temperature=top_k_temperature)
