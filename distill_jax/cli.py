@@ -8,6 +8,10 @@ Commands:
   reproduce-full Hinton et al. section 3 in full (experiments/hinton_full.py): seeds,
                  temperature x width populations, transfer sets, plots
   reproduce-reasoning  the reasoning-distillation study (experiments/reasoning_r1.py)
+  distill-lm     distil a Hugging Face teacher into a student on a JSONL file, written
+                 back as a Hugging Face directory (--teacher --student --data --out; distill_jax.lm)
+  generate       a Hugging Face model's completions of a JSONL file's prompts, as JSONL
+                 (--teacher --data --out), for sequence-level distillation
 
 Every config value can be overridden, e.g.
 ``--config.num_epochs=3 --config.model.hidden='(300,300)'``.
@@ -28,7 +32,9 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-full", "reproduce-reasoning")
+COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-full", "reproduce-reasoning", "distill-lm",
+            "generate")
+LM_CONFIG = Path(__file__).resolve().parent / "lm.py"  # distill-lm's default --config
 
 
 def _flags(argv: list[str]) -> flags.FlagValues:
@@ -48,6 +54,32 @@ def _flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_string("coordinator_address", None, "multi-host: coordinator host:port.", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "multi-host: this process's id.", flag_values=fv)
+    # distill-lm and generate (distill_jax.lm)
+    flags.DEFINE_string("teacher", "", "distill-lm, generate: a Hugging Face model directory.", flag_values=fv)
+    flags.DEFINE_string("student", "", "distill-lm: a Hugging Face directory or a config.json.", flag_values=fv)
+    flags.DEFINE_string("data", "", "distill-lm: training JSONL; generate: the prompts' JSONL.", flag_values=fv)
+    flags.DEFINE_string("val_data", "", "distill-lm: validation JSONL.", flag_values=fv)
+    flags.DEFINE_string("test_data", "", "distill-lm: test JSONL.", flag_values=fv)
+    flags.DEFINE_string("out", "", "distill-lm: the student's Hugging Face directory; generate: the JSONL written.",
+                        flag_values=fv)
+    flags.DEFINE_string("objective", "forward_kl", "distill-lm: forward_kl|hinton_kd|gkd|top_k|sft.", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "distill-lm: the KD temperature; generate: the sampling temperature.",
+                       flag_values=fv)
+    flags.DEFINE_float("beta", 0.5, "distill-lm: the generalized JSD's beta (gkd).", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "distill-lm: k of the teacher cache (top_k); generate: top-k sampling.",
+                         flag_values=fv)
+    flags.DEFINE_string("cache_dir", "", "distill-lm: the teacher cache folder (top_k; written if missing).",
+                        flag_values=fv)
+    flags.DEFINE_float("sft_weight", 0.0, "distill-lm: weight of the data's cross-entropy beside the KD term.",
+                       flag_values=fv)
+    flags.DEFINE_integer("max_len", None, "distill-lm: tokens per example (config.task.max_len).", flag_values=fv)
+    flags.DEFINE_bool("chat", None, "distill-lm, generate: format prompts with the tokenizer's chat template.",
+                      flag_values=fv)
+    flags.DEFINE_string("out_dtype", "float32", "distill-lm: the dtype the student is written in.", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 128, "generate: tokens per completion.", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling (1 = off).", flag_values=fv)
+    flags.DEFINE_integer("samples", 1, "generate: completions per prompt.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "generate: the sampling seed.", flag_values=fv)
     fv(argv)
     return fv
 
@@ -95,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(), file=sys.stderr)
         return 2
     command = argv[1]
+    if command == "distill-lm" and not any(a == "--config" or a.startswith("--config=") for a in argv[2:]):
+        argv = argv[:2] + [f"--config={LM_CONFIG}"] + argv[2:]
     try:
         fv = _flags([argv[0]] + argv[2:])
     except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
@@ -123,6 +157,10 @@ def _dispatch(command: str, fv: flags.FlagValues) -> int:
 
     if command == "evaluate":
         return _evaluate(fv)
+    if command == "generate":
+        return _generate(fv)
+    if command == "distill-lm":
+        return _distill_lm(fv)
     if fv.config is None:
         print(f"{command}: --config=experiments/<file>.py is required.", file=sys.stderr)
         return 2
@@ -163,6 +201,45 @@ def _dispatch(command: str, fv: flags.FlagValues) -> int:
         test = results.get("test", {})
         line |= {"test_errors": test["errors"]} if "errors" in test else {f"test_{k}": v for k, v in test.items()}
         print(json.dumps(line))
+    return 0
+
+
+def _distill_lm(fv) -> int:
+    import jax
+
+    from distill_jax import lm, training
+
+    missing = [name for name in ("student", "data", "workdir", "out") if not getattr(fv, name)]
+    if missing:
+        print(f"distill-lm: --{', --'.join(missing)} required (see distill_jax/lm.py).", file=sys.stderr)
+        return 2
+    config, base = lm.configure(fv.config, teacher=fv.teacher, student=fv.student, data=fv.data, val_data=fv.val_data,
+                                test_data=fv.test_data, objective=fv.objective, temperature=fv.temperature,
+                                beta=fv.beta, top_k=fv.top_k, cache_dir=fv.cache_dir, sft_weight=fv.sft_weight,
+                                max_len=fv.max_len, chat=fv.chat)
+    if fv.objective == "top_k":
+        lm.ensure_cache(config, fv.teacher, progress=fv.progress)
+    results = training.run(config, fv.workdir, resume=fv.resume, progress=fv.progress)
+    if jax.process_index() == 0 and results["finished"]:
+        lm.export(fv.out, config.model, results["params"], base=base, tokenizer_dir=config.task.tokenizer,
+                  dtype=fv.out_dtype)
+        line = {"epochs": results["epochs"], "out": fv.out} | {
+            f"{split}_{k}": v for split in ("val", "test") for k, v in results.get(split, {}).items()}
+        print(json.dumps(line))
+    return 0
+
+
+def _generate(fv) -> int:
+    from distill_jax import lm
+
+    missing = [name for name in ("teacher", "data", "out") if not getattr(fv, name)]
+    if missing:
+        print(f"generate: --{', --'.join(missing)} required.", file=sys.stderr)
+        return 2
+    count = lm.generate_jsonl(fv.teacher, fv.data, fv.out, max_new_tokens=fv.max_new_tokens,
+                              temperature=fv.temperature, top_p=fv.top_p, top_k=fv.top_k, seed=fv.seed,
+                              chat=bool(fv.chat), samples=fv.samples)
+    print(json.dumps({"written": count, "out": fv.out}))
     return 0
 
 

@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -212,6 +213,21 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32") -> tf.Trans
         qk_norm=family == "qwen3",
         rope_scaling=scaling,
     )
+
+
+def is_hf_dir(path) -> bool:
+    """Whether ``path`` is a Hugging Face model directory (``config.json`` and safetensors)."""
+    path = Path(path)
+    return (path / CONFIG).is_file() and ((path / SINGLE).is_file() or (path / INDEX).is_file())
+
+
+def model_config(config: tf.TransformerConfig) -> dict:
+    """``config`` as the training core's ``config.model`` dict (``name="transformer"`` and the fields)."""
+    out = {"name": "transformer"}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        out[field.name] = [list(pair) for pair in value] if field.name == "rope_scaling" and value else value
+    return out
 
 
 def family_of(config: tf.TransformerConfig) -> str:

@@ -47,7 +47,7 @@ from distill_jax import data as data_lib
 from distill_jax.data import teacher_cache
 from distill_jax import losses, models, objectives
 from distill_jax import sharding as sharding_lib
-from distill_jax.models import transformer
+from distill_jax.models import hf, transformer
 from distill_jax.training import checkpoint as ckpt
 from distill_jax.training import rundir
 from distill_jax.training.steps import (
@@ -164,6 +164,8 @@ def load_teacher(path: str | Path, student_num_classes: int | None = None, *, me
     ``partition`` on it (whatever layout they were saved from); without, onto
     this process's first device.
     """
+    if hf.is_hf_dir(path):  # a Hugging Face Llama / Qwen2 / Qwen3 directory
+        return _load_hf(path, student_num_classes, mesh=mesh, partition=partition)
     directory = teacher_checkpoint_dir(path)
     meta = ckpt.read_meta(directory)
     model_config = dict(meta["config"]["model"])
@@ -180,6 +182,23 @@ def load_teacher(path: str | Path, student_num_classes: int | None = None, *, me
     shardings = None if mesh is None else sharding_lib.param_shardings(params_like, partition_rules(model, partition), mesh)
     params = ckpt.restore_params(directory, params_like, shardings=shardings)
     return model.apply, params, model_config
+
+
+def _load_hf(path, student_num_classes: int | None, *, mesh=None, partition="replicated"):
+    """A Hugging Face directory as a teacher: ``(apply_fn, variables, model_config)`` like a checkpoint's."""
+    config = hf.config_from_hf(hf.read_config(path))
+    if student_num_classes is not None and config.vocab_size != student_num_classes:
+        raise ValueError(
+            f"the Hugging Face model at {path} predicts {config.vocab_size} tokens but the student has "
+            f"{student_num_classes}; set config.model.vocab_size={config.vocab_size} or use a matching teacher."
+        )
+    rules = None
+    if mesh is not None:
+        setting = partition or "replicated"
+        rules = transformer.partition_rules(config, setting.strip()) if isinstance(setting, str) and \
+            setting.strip() in transformer.LOGICAL_AXIS_RULES else sharding_lib.parse_rules(setting)
+    config, params = hf.load(path, mesh=mesh, rules=rules)
+    return models.Transformer(config).apply, {"params": params}, hf.model_config(config)
 
 
 def partition_rules(model, setting):
@@ -350,8 +369,11 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
     tx = make_optimizer(config_dict["optimizer"], steps_per_epoch, num_epochs)
 
-    def init_state():
-        return create_train_state(models.init_params(student, init_key, input_shape), tx, state_key)
+    init_from = str(config_dict.get("init_from") or "")
+
+    def init_state(params=None):
+        params = models.init_params(student, init_key, input_shape) if params is None else params
+        return create_train_state(params, tx, state_key)
 
     objective = objectives.from_spec(config_dict["objective"])
 
@@ -442,7 +464,15 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
             return evaluate_images(params, split["image"], split["label"])
 
     # The state is created under jit straight into its layout.
-    state = jax.jit(init_state, out_shardings=layout.state)()
+    if init_from and existing is None:  # start from pretrained weights (a Hugging Face directory or a run)
+        _, start_params, start_model = load_teacher(init_from, num_classes)
+        same = models.create(start_model).config == student.config if tokens else start_model == model_config
+        if not same:
+            raise ValueError(f"config.init_from={init_from} holds another model than config.model: "
+                             f"{start_model} vs {model_config}.")
+        state = jax.jit(init_state, out_shardings=layout.state)(start_params)
+    else:
+        state = jax.jit(init_state, out_shardings=layout.state)()
     start_epoch = 0
     if existing is not None:
         meta, params, opt_state, train_state = ckpt.restore_all(

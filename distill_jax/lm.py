@@ -1,0 +1,254 @@
+"""Hugging Face language models through the training core: ``distill-jax distill-lm`` and ``distill-jax generate``.
+
+``distill-lm`` distils a teacher directory (Llama / Qwen2 / Qwen3, see
+:mod:`distill_jax.models.hf`) into a student on a prompt/completion JSONL
+file and writes the student back as a Hugging Face directory::
+
+    distill-jax distill-lm --teacher=qwen_teacher --student=qwen_student --data=train.jsonl \\
+        --val_data=val.jsonl --objective=forward_kl --workdir=runs/kd --out=student_hf \\
+        [--config.mesh=fsdp=8] [--config.num_epochs=3] [--resume]
+
+* ``--student``: a Hugging Face directory (its weights are the start), or a
+  ``config.json`` (Hugging Face's, or a dict of
+  :class:`~distill_jax.models.transformer.TransformerConfig` fields) for a
+  student trained from scratch.
+* ``--objective``: ``forward_kl``, ``hinton_kd``, ``gkd`` (generalized JSD,
+  ``--beta``), ``top_k`` (KD from the teacher's top ``--top_k`` log-probs,
+  cached on disk in ``--cache_dir``, written first if missing and resumable)
+  or ``sft`` (cross-entropy on the data alone, e.g. teacher samples from
+  ``generate``: sequence-level KD). ``--sft_weight`` adds the data's
+  cross-entropy to the KD objectives.
+* The tokenizer is the teacher's (``tokenizer.json`` in its directory); a
+  student directory with another tokenizer is refused.
+
+Everything else is the training core's: ``--config.*`` overrides the
+config of :func:`get_config` (optimizer, epochs, batch size, mesh,
+partitions, checkpoint cadence), checkpoints and ``--resume``, the progress
+bar, ``metrics.jsonl`` and TensorBoard events in ``--workdir``.
+
+``generate`` samples the teacher's completions of a JSONL file's prompts and
+writes them as a prompt/completion JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from distill_jax import generation
+from distill_jax.data import text
+from distill_jax.models import hf
+from distill_jax.models import transformer as tf
+
+OBJECTIVES = ("forward_kl", "hinton_kd", "gkd", "top_k", "sft")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """The defaults of ``distill-lm`` (what ``--config.*`` overrides); the flags fill in the rest."""
+    del arg
+    from distill_jax.training import default_config
+
+    c = default_config()
+    c.dataset = "distill_jax.lm:jsonl_splits"
+    c.task = ml_collections.ConfigDict({"tokenizer": "", "train": "", "val": "", "test": "", "max_len": 512,
+                                        "chat": False, "truncate": "error"})
+    c.model = ml_collections.ConfigDict({"name": "transformer"})
+    c.init_from = ""
+    c.optimizer = ml_collections.ConfigDict(
+        {"name": "adamw", "learning_rate": 3e-4, "schedule": "cosine", "warmup_epochs": 0.1,
+         "final_lr_fraction": 0.1, "weight_decay": 0.01})
+    c.batch_size = 8
+    c.num_epochs = 1
+    c.eval_batch_size = 8
+    c.teacher = ml_collections.ConfigDict({"checkpoint": "", "top_k": 0, "cache_dir": ""})
+    c.objective = ml_collections.ConfigDict({"sft": {"loss": "cross_entropy", "weight": 1.0}})
+    return c
+
+
+def jsonl_splits(split_seed: int, *, tokenizer: str, train: str, val: str = "", test: str = "", max_len: int = 512,
+                 chat: bool = False, truncate: str = "error") -> dict[str, dict[str, np.ndarray]]:
+    """The token splits of prompt/completion JSONL files (``config.dataset="distill_jax.lm:jsonl_splits"``)."""
+    del split_seed  # the files are the splits
+    if not train:
+        raise ValueError("the training data is not set: pass --data=<train.jsonl> (config.task.train).")
+    tok = text.load_tokenizer(tokenizer)
+    out = {}
+    for name, path in (("train", train), ("val", val), ("test", test)):
+        if path:
+            out[name] = text.encode_examples(tok, text.read_jsonl(path), max_len=int(max_len), chat=bool(chat),
+                                             truncate=truncate)
+    return out
+
+
+def _student_model(student: str | Path) -> tuple[dict, str, dict]:
+    """``(config.model, init_from, the Hugging Face config to carry over)`` of ``--student``."""
+    student = Path(student)
+    if hf.is_hf_dir(student):
+        base = hf.read_config(student)
+        return hf.model_config(hf.config_from_hf(base)), str(student), base
+    config_file = student / hf.CONFIG if student.is_dir() else student
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--student={student}: neither a Hugging Face directory nor a config.json file.")
+    values = json.loads(config_file.read_text())
+    if "model_type" in values:  # a Hugging Face config without weights: trained from scratch
+        return hf.model_config(hf.config_from_hf(values)), "", values
+    config = tf.TransformerConfig.from_mapping({k: v for k, v in values.items() if k != "name"})
+    return hf.model_config(config), "", {}
+
+
+def _tokenizer_fingerprint(directory: Path) -> str | None:
+    return text.load_tokenizer(directory).fingerprint if (Path(directory) / text.TOKENIZER_FILE).exists() else None
+
+
+def configure(config: ml_collections.ConfigDict, *, teacher: str, student: str, data: str, val_data: str = "",
+              test_data: str = "", objective: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+              top_k: int = 0, cache_dir: str = "", sft_weight: float = 0.0, max_len: int | None = None,
+              chat: bool | None = None) -> tuple[ml_collections.ConfigDict, dict]:
+    """Fills ``config`` (from :func:`get_config`) from the ``distill-lm`` flags; returns it and the student's HF config."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+    if not teacher and objective != "sft":
+        raise ValueError(f"--objective={objective} needs --teacher=<Hugging Face directory>.")
+    if teacher and not hf.is_hf_dir(teacher):
+        raise FileNotFoundError(f"--teacher={teacher} is not a Hugging Face model directory (config.json + safetensors).")
+    model, init_from, base = _student_model(student)
+    tokenizer_dir = Path(teacher or student)
+    if not (tokenizer_dir / text.TOKENIZER_FILE).exists():
+        raise FileNotFoundError(f"{tokenizer_dir} has no {text.TOKENIZER_FILE}: the data is tokenized with the teacher's tokenizer.")
+    if teacher and Path(student).is_dir():
+        mine, theirs = _tokenizer_fingerprint(Path(student)), _tokenizer_fingerprint(tokenizer_dir)
+        if mine is not None and mine != theirs:
+            raise ValueError(f"--student={student} has another tokenizer than --teacher={teacher}; token-level "
+                             "distillation needs one vocabulary (give the student the teacher's tokenizer).")
+    if teacher:
+        teacher_vocab = hf.config_from_hf(hf.read_config(teacher)).vocab_size
+        if teacher_vocab != model["vocab_size"]:
+            raise ValueError(f"the teacher predicts {teacher_vocab} tokens, the student {model['vocab_size']}: "
+                             "token-level distillation needs one vocabulary.")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = ml_collections.ConfigDict(model)
+    config.init_from = init_from
+    config.task.update({"tokenizer": str(tokenizer_dir), "train": str(data), "val": str(val_data), "test": str(test_data)})
+    if max_len is not None:
+        config.task.max_len = int(max_len)
+    if chat is not None:
+        config.task.chat = bool(chat)
+    terms: dict[str, Any] = {}
+    if objective == "sft" or sft_weight > 0:
+        terms["sft"] = {"loss": "cross_entropy", "weight": 1.0 if objective == "sft" else float(sft_weight)}
+    if objective in ("forward_kl", "hinton_kd"):
+        terms["kd"] = {"loss": objective, "weight": 1.0, "temperature": float(temperature)}
+    elif objective == "gkd":
+        terms["kd"] = {"loss": "generalized_jsd", "weight": 1.0, "temperature": float(temperature), "beta": float(beta)}
+    elif objective == "top_k":
+        if top_k < 1 or not cache_dir:
+            raise ValueError("--objective=top_k needs --top_k=K (>= 1) and --cache_dir=<folder for the teacher cache>.")
+        terms["kd"] = {"loss": "top_k_kd", "weight": 1.0, "temperature": float(temperature), "tail": "bucket"}
+        config.teacher.top_k, config.teacher.cache_dir = int(top_k), str(cache_dir)
+    config.objective = ml_collections.ConfigDict(terms)
+    config.teacher.checkpoint = "" if objective in ("sft", "top_k") else str(teacher)
+    return config, base
+
+
+def ensure_cache(config: ml_collections.ConfigDict, teacher: str, *, progress: bool = True) -> None:
+    """Writes (or finishes) the top-k teacher cache that ``config`` trains from."""
+    from distill_jax.data import teacher_cache
+    from distill_jax.training import load_datasets, load_teacher
+
+    train = load_datasets(config.to_dict())["train"]
+    apply_fn, params, _ = load_teacher(teacher)
+    temperature = float(config.objective.kd.temperature)
+    fingerprint = teacher_cache.fingerprint_files([Path(teacher) / hf.CONFIG, *sorted(Path(teacher).glob("*.safetensors"))])
+    teacher_cache.write(config.teacher.cache_dir, lambda x, v: apply_fn(params, x, v), train["inputs"], train["valid"],
+                        k=int(config.teacher.top_k), temperature=temperature, vocab_size=int(config.model.vocab_size),
+                        teacher=fingerprint, tokenizer=text.load_tokenizer(config.task.tokenizer).fingerprint,
+                        batch_size=int(config.eval_batch_size))
+
+
+def export(out: str | Path, model: Mapping[str, Any], variables, *, base: Mapping[str, Any], tokenizer_dir: str | Path,
+           dtype: str = "float32") -> Path:
+    """Writes the trained student as a Hugging Face directory, with the tokenizer files it was trained with."""
+    config = tf.TransformerConfig.from_mapping({k: v for k, v in dict(model).items() if k != "name"})
+    params = variables["params"] if "params" in variables else variables
+    out = hf.save(out, config, params, dtype=dtype, hf_config=base)
+    for name in TOKENIZER_FILES:
+        source = Path(tokenizer_dir) / name
+        if source.is_file() and name != hf.CONFIG:
+            shutil.copyfile(source, out / name)
+    return out
+
+
+def _read_prompts(path: str | Path) -> list:
+    """The prompts of a JSONL file: a ``"prompt"`` string, or ``"messages"`` (an assistant reply at the end is dropped)."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg}).") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+            messages = row["messages"]
+            prompts.append(messages[:-1] if messages[-1].get("role") == "assistant" else messages)
+        else:
+            raise ValueError(f"{path}:{number}: a row needs a 'prompt' string or a 'messages' list.")
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts.")
+    return prompts
+
+
+def generate_jsonl(teacher: str | Path, prompts: str | Path, out: str | Path, *, max_new_tokens: int = 128,
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 16,
+                   chat: bool = False, samples: int = 1) -> int:
+    """Samples ``samples`` completions per prompt of ``prompts`` (JSONL) from ``teacher``; writes prompt/completion JSONL.
+
+    Returns the number of rows written. Prompts are left-padded into
+    batches; a completion ends at the tokenizer's end token.
+    """
+    tok = text.load_tokenizer(teacher)
+    config, params = hf.load(teacher)
+    rows = _read_prompts(prompts)
+    eos = tok.eos_id
+    sampling = generation.SamplingConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                         top_p=float(top_p), top_k=int(top_k), eos_id=eos,
+                                         pad_id=tok.pad_id if tok.pad_id is not None else 0)
+    encoded = []
+    for prompt in rows:
+        if isinstance(prompt, str) and chat:
+            prompt = [{"role": "user", "content": prompt}]
+        prompt_text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True)
+        ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt_text)
+        encoded.append((prompt_text, ids))
+    key = jax.random.key(seed)
+    written = 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(out).with_suffix(Path(out).suffix + ".tmp"), "w") as f:
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            width = max(len(ids) for _, ids in batch)
+            prompts_arr = np.zeros((len(batch), width), np.int32)
+            valid = np.zeros((len(batch), width), bool)
+            for i, (_, ids) in enumerate(batch):
+                prompts_arr[i, width - len(ids):] = ids
+                valid[i, width - len(ids):] = True
+            for s in range(samples):
+                key, sub = jax.random.split(key)
+                result = generation.generate(config, params, prompts_arr, sub, sampling, prompt_valid=valid)
+                tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+                for i, (prompt_text, _) in enumerate(batch):
+                    ids = [t for t in tokens[i, : lengths[i]].tolist() if t != eos]
+                    f.write(json.dumps({"prompt": prompt_text, "completion": tok.decode(ids, skip_special_tokens=True)}) + "\n")
+                    written += 1
+    Path(out).with_suffix(Path(out).suffix + ".tmp").replace(out)
+    return written
