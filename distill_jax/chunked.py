@@ -441,3 +441,41 @@ def chunked_top_k_kd(
         return losses.top_k_kd(logits, v_chunk, i_chunk, temperature, tail)
 
     return _chunked_sum(per_token, (w,), (h, values, indices), mask, chunk_size)
+
+
+def chunked_accuracy(
+    hidden: ArrayLike,
+    head: ArrayLike,
+    labels: ArrayLike,
+    mask: ArrayLike,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Array, Array]:
+    """``(sum of mask where argmax(h W) == label, sum of mask)``, chunk by chunk; no gradient.
+
+    A metric (top-1 agreement with the labels), so it runs under
+    ``stop_gradient`` and needs no remat.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> h, w = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 4)), jnp.eye(4)
+      >>> right, count = chunked_accuracy(h, w, jnp.argmax(h, -1), jnp.ones((1, 5)), chunk_size=2)
+      >>> float(right), float(count)
+      (5.0, 5.0)
+    """
+    chunk_size = _check_chunk_size(chunk_size)
+    h, w = jax.lax.stop_gradient(jnp.asarray(hidden)), jax.lax.stop_gradient(jnp.asarray(head))
+    _check_hidden_head(h, w, "")
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    _check_mask(mask, h.shape[:2])
+    b, t = mask.shape
+    c = max(1, min(chunk_size, t))
+    n = -(-t // c)
+
+    def one(inputs):
+        h_chunk, y_chunk, m_chunk = inputs
+        right = jnp.argmax(_project(h_chunk, w), -1) == y_chunk
+        return jnp.sum(jnp.where(right & (m_chunk != 0), m_chunk, 0.0))
+
+    rights = jax.lax.map(one, (_split(h, n, c), _split(jnp.asarray(labels), n, c), _split(mask, n, c)))
+    return jnp.sum(rights), jnp.sum(mask)

@@ -67,6 +67,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
          "final_lr_fraction": 0.1, "weight_decay": 0.01})
     c.batch_size = 8
     c.num_epochs = 1
+    # > 0: logits in sequence chunks of this many tokens, never [batch, length, vocabulary] (distill_jax.chunked);
+    # for real vocabularies (Qwen's 151,936) a must. 0: full logits (faster for small vocabularies).
+    c.chunk_size = 0
     c.eval_batch_size = 8
     c.teacher = ml_collections.ConfigDict({"checkpoint": "", "top_k": 0, "cache_dir": ""})
     c.objective = ml_collections.ConfigDict({"sft": {"loss": "cross_entropy", "weight": 1.0}})

@@ -250,3 +250,55 @@ def from_spec(spec: Mapping[str, Mapping[str, Any]]) -> Objective:
         fn = LOSSES[loss_name]
         terms[name] = (weight, functools.partial(fn, **entry) if entry else fn)
     return combine(**terms)
+
+
+def chunked_from_spec(spec: Mapping[str, Mapping[str, Any]], *, chunk_size: int) -> Objective:
+    """:func:`from_spec` for language models whose logits are never materialized (:mod:`distill_jax.chunked`).
+
+    The objective takes ``student_outputs = (hidden, head)`` (the final norm's
+    output and the ``[dim, vocab]`` projection), ``teacher_outputs`` the
+    teacher's ``(hidden, head)``, a cached top-k ``(values, indices)`` or
+    None, and a batch with ``"label"`` and ``"mask"``; it returns the
+    token-weighted mean loss (a scalar: each term is a chunked
+    ``total / count``) and the metrics of :func:`combine`. Same value as
+    :func:`from_spec`'s token-weighted mean, up to float rounding.
+    """
+    from distill_jax import chunked
+
+    terms = {}
+    for name, entry in dict(spec).items():
+        entry = dict(entry)
+        loss_name = entry.pop("loss", None)
+        if loss_name not in LOSSES:
+            raise ValueError(f"objective term {name!r}: unknown loss {loss_name!r}; choose one of {sorted(LOSSES)}.")
+        if loss_name == "decoupled_kd":
+            raise ValueError(f"objective term {name!r}: decoupled_kd takes class labels; it has no chunked token form.")
+        terms[name] = (entry.pop("weight", 1.0), loss_name, entry)
+
+    def objective(student_outputs, teacher_outputs, batch, step=0):
+        hidden, head = student_outputs
+        mask = batch["mask"]
+        total = jnp.zeros((), jnp.float32)
+        metrics = {}
+        for name, (weight, loss_name, kwargs) in terms.items():
+            w = jnp.asarray(_at_step(weight, step), jnp.float32)
+            if loss_name == "cross_entropy":
+                value, count = chunked.chunked_cross_entropy(hidden, head, batch["label"], mask, chunk_size=chunk_size)
+            elif teacher_outputs is None:
+                raise ValueError(f"term {name!r} ({loss_name}) needs the teacher's outputs but got None.")
+            elif loss_name == "top_k_kd":
+                values, indices = teacher_outputs
+                value, count = chunked.chunked_top_k_kd(hidden, head, values, indices, mask, chunk_size=chunk_size, **kwargs)
+            else:
+                t_hidden, t_head = teacher_outputs
+                value, count = chunked.chunked_token_loss(hidden, head, t_hidden, t_head, mask, loss=LOSSES[loss_name],
+                                                          chunk_size=chunk_size, **kwargs)
+            mean = value / jnp.maximum(count, 1.0)
+            total = total + w * mean
+            metrics[name] = mean
+            metrics[f"{name}/weight"] = w
+        metrics["loss"] = total
+        return total, metrics
+
+    objective.terms = tuple(terms)
+    return objective

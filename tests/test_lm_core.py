@@ -283,3 +283,26 @@ def test_top_k_distillation_from_an_on_disk_cache_equals_the_in_memory_cache(tmp
                                                "teacher.cache_dir": str(tmp_path / "cache")}))
     with pytest.raises(teacher_cache.CacheMismatchError, match="other token rows than this training split"):
         training.run(other, tmp_path / "other", progress=False)
+
+
+@pytest.mark.parametrize("profile", ["distill", "top_k"])
+def test_chunked_lm_training_matches_the_unchunked_run(tmp_path, lm_teacher, profile, monkeypatch):
+    # chunk_size=5 does not divide the 64-token rows: the last chunk is padded.
+    from distill_jax import chunked as chunked_lib
+
+    teacher_dir, _ = lm_teacher
+    overrides = STUDENT | {"teacher.checkpoint": str(teacher_dir), "num_epochs": 2}
+    full = training.run(w.lm_config(profile, **overrides), tmp_path / "full", progress=False)
+    traced = []
+    name = "chunked_top_k_kd" if profile == "top_k" else "chunked_token_loss"
+    original = getattr(chunked_lib, name)
+    monkeypatch.setattr(chunked_lib, name, lambda *a, **k: traced.append(k["chunk_size"]) or original(*a, **k))
+    chunked = training.run(w.lm_config(profile, **overrides, chunk_size=5), tmp_path / "chunked", progress=False)
+    assert traced and set(traced) == {5}, "the chunked objective ran"
+    for a, b in zip(jax.tree_util.tree_leaves(chunked["params"]), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    for line_c, line_f in zip(w.metrics_lines(tmp_path / "chunked"), w.metrics_lines(tmp_path / "full"), strict=True):
+        for key in ("loss", "accuracy", "kd"):
+            assert line_c["train"][key] == pytest.approx(line_f["train"][key], rel=1e-4, abs=1e-5), key
+        assert line_c["test"]["loss"] == pytest.approx(line_f["test"]["loss"], rel=1e-4)
+        assert line_c["test"]["token_accuracy"] == pytest.approx(line_f["test"]["token_accuracy"], abs=1e-6)

@@ -335,7 +335,13 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, valid: Array | None = None, cache: Cache | None = None, train: bool = False):
+    def __call__(self, tokens: Array, valid: Array | None = None, cache: Cache | None = None, train: bool = False,
+                 return_hidden: bool = False):
+        """Logits ``[B, T, vocab]``; with ``return_hidden``, the final norm's output ``[B, T, dim]`` instead.
+
+        The hidden states and :func:`output_head` are what the memory-bounded
+        losses of :mod:`distill_jax.chunked` take: ``logits = hidden @ head``.
+        """
         del train  # no dropout; taken so every model is called the same way (distill_jax.models)
         c = self.config
         tokens = jnp.asarray(tokens)
@@ -385,6 +391,12 @@ class Transformer(nn.Module):
             x, new_layer = Block(c, name=f"block_{i}")(x, positions, mask, layer_cache, index)
             new_layers.append(new_layer)
         x = RMSNorm(c.norm_eps, name="final_norm")(x)
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("return_hidden is for training (no KV cache).")
+            if ids_ok is not None:
+                x = checks.poison(x, jnp.all(ids_ok, axis=1)[:, None, None])
+            return x
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -407,6 +419,12 @@ class Transformer(nn.Module):
             "next_position": cache["next_position"] + jnp.sum(valid, axis=1, dtype=jnp.int32),
         }
         return logits, new_cache
+
+
+def output_head(params: PyTree) -> Array:
+    """The output projection ``[dim, vocab]`` of a transformer's params (the embedding transposed when tied)."""
+    params = params.get("params", params)
+    return params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"].T
 
 
 def init_params(config: TransformerConfig, rng: Array) -> PyTree:

@@ -375,7 +375,15 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
         params = models.init_params(student, init_key, input_shape) if params is None else params
         return create_train_state(params, tx, state_key)
 
-    objective = objectives.from_spec(config_dict["objective"])
+    # chunk_size > 0 (language models): the objective runs on hidden states and output heads in sequence
+    # chunks, so no [batch, length, vocabulary] array of either model is made (distill_jax.chunked).
+    chunk_size = int(config_dict.get("chunk_size", 0) or 0)
+    if chunk_size and not tokens:
+        raise ValueError("config.chunk_size is for language models (config.model.name='transformer').")
+    if chunk_size:
+        objective = objectives.chunked_from_spec(config_dict["objective"], chunk_size=chunk_size)
+    else:
+        objective = objectives.from_spec(config_dict["objective"])
 
     # Teacher.
     teacher_path = (config_dict.get("teacher") or {}).get("checkpoint") or ""
@@ -403,6 +411,8 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     # beta fails here, before any training.
     rows = (2, 3) if tokens else (2,)
     probe = jnp.zeros(rows + (num_classes,))
+    if chunk_size:  # hidden states and an output head instead of logits
+        probe = (jnp.zeros(rows + (4,)), jnp.zeros((4, num_classes)))
     probe_batch = {"label": jnp.zeros(rows, jnp.int32)} | ({"mask": jnp.ones(rows)} if tokens else {})
     probe_teacher = probe if needs_teacher else None
     if top_k_temperature is not None:
@@ -433,6 +443,9 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
                                        transform=transform), out_shardings=layout.data)
         values, indices = predict(teacher_params, *(train_data[k] for k in inputs))
         train_data["teacher_top_values"], train_data["teacher_top_indices"] = values, indices
+    elif _should_cache(config_dict, teacher_apply is not None, tokens) and chunk_size:
+        raise ValueError("cache_teacher=true caches the teacher's full logits, which chunk_size > 0 exists to avoid; "
+                         "use cache_teacher='auto' (the teacher in the loop) or a top_k_kd objective.")
     elif _should_cache(config_dict, teacher_apply is not None, tokens):
         predict = jax.jit(make_predict(teacher_apply, batch_size=1000), out_shardings=layout.data)
         teacher_logits = predict(teacher_params, *(train_data[k] for k in inputs))
@@ -448,11 +461,13 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
         inputs=inputs,
         batch_transform=functools.partial(_jitter_images, max_shift=jitter) if jitter else None,
         projection=functools.partial(models.max_norm_project, max_norm=max_norm) if max_norm else None,
+        chunk_size=chunk_size,
     )
     train_epoch = make_train_epoch(step, batch_size=batch_size, layout=layout, num_examples=num_train)
     eval_batch_size = int(config_dict.get("eval_batch_size", 1000))
     if tokens:
-        evaluate = jax.jit(make_token_evaluate(student.apply, inputs=inputs, batch_size=eval_batch_size),
+        evaluate = jax.jit(make_token_evaluate(student.apply, inputs=inputs, batch_size=eval_batch_size,
+                                               chunk_size=chunk_size),
                            out_shardings=layout.replicated)
     else:
         evaluate_images = jax.jit(

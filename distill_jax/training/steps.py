@@ -94,6 +94,7 @@ def make_train_step(
     inputs: Sequence[str] = ("image",),
     batch_transform: Callable | None = None,
     projection: Callable | None = None,
+    chunk_size: int = 0,
 ) -> Callable:
     """Builds ``step(state, teacher_params, batch) -> (state, metrics)`` (not jitted).
 
@@ -112,8 +113,15 @@ def make_train_step(
         the jitted step (e.g. random jitter of the images).
       projection: ``params -> params`` applied after every update (e.g. a
         max-norm constraint), as ``optax.projections`` are.
+      chunk_size: language models only: > 0 computes the objective
+        (:func:`distill_jax.objectives.chunked_from_spec`) from the models'
+        hidden states and output heads in chunks of this many positions, so
+        no ``[batch, seq, vocab]`` array of either model exists.
     """
     inputs = tuple(inputs)
+    if chunk_size:
+        return _chunked_train_step(student_apply, tx, objective, teacher_apply=teacher_apply, inputs=inputs,
+                                   chunk_size=chunk_size)
 
     def step(state: TrainState, teacher_params: PyTree, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
@@ -136,6 +144,39 @@ def make_train_step(
             params = projection(params)
         metrics = dict(metrics)
         metrics["accuracy"] = _mean(jnp.argmax(logits, -1) == batch["label"], mask)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    return step
+
+
+def _chunked_train_step(student_apply, tx, objective, *, teacher_apply, inputs, chunk_size: int) -> Callable:
+    """:func:`make_train_step` for token models whose logits are never materialized (see ``chunk_size`` there)."""
+    from distill_jax import chunked
+    from distill_jax.models.transformer import output_head
+
+    def step(state: TrainState, teacher_params: PyTree, batch: dict) -> tuple[TrainState, dict]:
+        model_inputs = tuple(batch[k] for k in inputs)
+        if "teacher_top_values" in batch:
+            teacher_outputs = (batch["teacher_top_values"], batch["teacher_top_indices"])
+        elif teacher_apply is not None:
+            teacher_outputs = jax.lax.stop_gradient(
+                (teacher_apply(teacher_params, *model_inputs, train=False, return_hidden=True), output_head(teacher_params)))
+        else:
+            teacher_outputs = None
+
+        def loss_fn(params):
+            hidden = student_apply(params, *model_inputs, train=True, return_hidden=True)
+            loss, metrics = objective((hidden, output_head(params)), teacher_outputs, batch, step=state.step)
+            return loss, (metrics, hidden)
+
+        grads, (metrics, hidden) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        right, count = chunked.chunked_accuracy(hidden, output_head(state.params), batch["label"], batch["mask"],
+                                                chunk_size=chunk_size)
+        metrics = dict(metrics)
+        metrics["accuracy"] = right / jnp.maximum(count, 1.0)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
@@ -286,12 +327,14 @@ def make_predict(apply_fn: Callable, *, batch_size: int = 1000, transform: Calla
     return predict
 
 
-def make_token_evaluate(apply_fn: Callable, *, inputs: Sequence[str] = ("inputs", "valid"), batch_size: int = 256) -> Callable:
+def make_token_evaluate(apply_fn: Callable, *, inputs: Sequence[str] = ("inputs", "valid"), batch_size: int = 256,
+                        chunk_size: int = 0) -> Callable:
     """Jits ``evaluate(params, split) -> metrics`` of a token model, teacher-forced, over a whole split.
 
     ``split``: a dict with ``inputs``, ``"label"`` (next tokens) and
     ``"mask"`` (1 on scored tokens). Metrics: ``loss`` (cross-entropy per
     scored token), ``token_accuracy``, ``tokens`` (how many were scored).
+    ``chunk_size > 0`` computes them in sequence chunks (no full logits).
     """
     inputs = tuple(inputs)
 
@@ -300,8 +343,19 @@ def make_token_evaluate(apply_fn: Callable, *, inputs: Sequence[str] = ("inputs"
         batches = {k: _padded_batches(split[k], batch_size) for k in inputs + ("label", "mask")}
 
         def body(_, batch):
-            logits = apply_fn(params, *(batch[k] for k in inputs), train=False)
             mask = batch["mask"] > 0  # padded rows have mask 0
+            if chunk_size:
+                from distill_jax import chunked
+                from distill_jax.models.transformer import output_head
+
+                hidden = apply_fn(params, *(batch[k] for k in inputs), train=False, return_hidden=True)
+                weights = mask.astype(jnp.float32)
+                ce, count = chunked.chunked_cross_entropy(hidden, output_head(params), batch["label"], weights,
+                                                          chunk_size=chunk_size)
+                right, _ = chunked.chunked_accuracy(hidden, output_head(params), batch["label"], weights,
+                                                    chunk_size=chunk_size)
+                return None, (ce, right.astype(jnp.int32), count.astype(jnp.int32))
+            logits = apply_fn(params, *(batch[k] for k in inputs), train=False)
             ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
             right = jnp.argmax(logits, -1) == batch["label"]
             return None, (jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(right & mask), jnp.sum(mask))
