@@ -223,7 +223,7 @@ def _distill_lm(fv) -> int:
     if jax.process_index() == 0 and results["finished"]:
         lm.export(fv.out, config.model, results["params"], base=base, tokenizer_dir=config.task.tokenizer,
                   dtype=fv.out_dtype)
-        line = {"epochs": results["epochs"], "out": fv.out} | {
+        line = {"epochs": results["epochs"], "num_train": results["num_train"], "out": fv.out} | {
             f"{split}_{k}": v for split in ("val", "test") for k, v in results.get(split, {}).items()}
         print(json.dumps(line))
     return 0

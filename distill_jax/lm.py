@@ -59,7 +59,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = default_config()
     c.dataset = "distill_jax.lm:jsonl_splits"
     c.task = ml_collections.ConfigDict({"tokenizer": "", "train": "", "val": "", "test": "", "max_len": 512,
-                                        "chat": False, "truncate": "error"})
+                                        "chat": False, "truncate": "error", "pack": 0})
     c.model = ml_collections.ConfigDict({"name": "transformer"})
     c.init_from = ""
     c.optimizer = ml_collections.ConfigDict(
@@ -77,8 +77,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def jsonl_splits(split_seed: int, *, tokenizer: str, train: str, val: str = "", test: str = "", max_len: int = 512,
-                 chat: bool = False, truncate: str = "error") -> dict[str, dict[str, np.ndarray]]:
-    """The token splits of prompt/completion JSONL files (``config.dataset="distill_jax.lm:jsonl_splits"``)."""
+                 chat: bool = False, truncate: str = "error", pack: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """The token splits of prompt/completion JSONL files (``config.dataset="distill_jax.lm:jsonl_splits"``).
+
+    ``pack > 0`` packs the training examples into rows of ``pack`` tokens
+    (``text.pack_examples``; the model keeps the examples apart by their
+    segments); evaluation splits stay one example per row.
+    """
     del split_seed  # the files are the splits
     if not train:
         raise ValueError("the training data is not set: pass --data=<train.jsonl> (config.task.train).")
@@ -88,6 +93,9 @@ def jsonl_splits(split_seed: int, *, tokenizer: str, train: str, val: str = "", 
         if path:
             out[name] = text.encode_examples(tok, text.read_jsonl(path), max_len=int(max_len), chat=bool(chat),
                                              truncate=truncate)
+    if pack:
+        packed = text.pack_examples(out["train"], max_len=int(pack))
+        out["train"] = {k: packed[k] for k in ("inputs", "valid", "label", "mask", "segments")}
     return out
 
 

@@ -121,3 +121,25 @@ def test_config_from_mapping_rejects_unknown_keys():
     assert tf.TransformerConfig.from_mapping({"vocab_size": 5, "dim": 8, "num_heads": 2, "num_kv_heads": 1}).dim == 8
     with pytest.raises(ValueError, match="unknown"):
         tf.TransformerConfig.from_mapping({"vocab_size": 5, "width": 8})
+
+
+def test_a_packed_row_gives_each_example_the_logits_it_has_alone():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from distill_jax.models import transformer as tf
+
+    config = tf.TransformerConfig(vocab_size=19, dim=16, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=24, max_len=16)
+    params = tf.init_params(config, jax.random.key(0))
+    model = tf.Transformer(config)
+    a, b = [3, 4, 5, 6, 7], [8, 9, 10]
+    packed = jnp.array([a + b + [0, 0]])
+    segments = jnp.array([[1] * 5 + [2] * 3 + [0, 0]])
+    together = np.asarray(model.apply({"params": params}, packed, segments=segments))
+    alone_a = np.asarray(model.apply({"params": params}, jnp.array([a])))
+    alone_b = np.asarray(model.apply({"params": params}, jnp.array([b])))
+    np.testing.assert_allclose(together[0, :5], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(together[0, 5:8], alone_b[0], atol=1e-5)
+    # Without segments the second example sees the first: different logits.
+    assert np.abs(np.asarray(model.apply({"params": params}, packed))[0, 5:8] - alone_b[0]).max() > 1e-3

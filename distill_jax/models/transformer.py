@@ -335,9 +335,14 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, valid: Array | None = None, cache: Cache | None = None, train: bool = False,
-                 return_hidden: bool = False):
+    def __call__(self, tokens: Array, valid: Array | None = None, segments: Array | None = None,
+                 cache: Cache | None = None, train: bool = False, return_hidden: bool = False):
         """Logits ``[B, T, vocab]``; with ``return_hidden``, the final norm's output ``[B, T, dim]`` instead.
+
+        ``segments`` (``[B, T]`` int, packed rows of :func:`distill_jax.data.text.pack_examples`):
+        0 on padding, 1, 2, ... per example; a token attends only to earlier
+        tokens of its own example and its rotary position restarts at each
+        example, so a packed row gives each example the logits it has alone.
 
         The hidden states and :func:`output_head` are what the memory-bounded
         losses of :mod:`distill_jax.chunked` take: ``logits = hidden @ head``.
@@ -353,8 +358,19 @@ class Transformer(nn.Module):
         tokens = jnp.where(valid, tokens, 0)
         ids_ok = checks.in_range(tokens, c.vocab_size, "token ids",
                                  " Encode with the model's own tokenizer; padding needs valid=False.")
-        # Rotary position = number of real tokens before this one.
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed rows) are for training and scoring, not with a KV cache.")
+            segments = jnp.asarray(segments, jnp.int32)
+            if segments.shape != (b, t):
+                raise ValueError(f"segments {segments.shape} must have the tokens' shape {(b, t)}.")
+            valid = valid & (segments > 0)
+        # Rotary position = number of real tokens before this one (in its own segment).
         offsets = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+        if segments is not None:
+            previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)))
+            starts = jnp.where((segments != previous) & valid, offsets, 0)
+            offsets = offsets - jax.lax.cummax(starts, axis=1)
         if cache is None:
             if t > c.max_len:
                 raise ValueError(f"sequence length {t} exceeds max_len={c.max_len}.")
@@ -380,6 +396,8 @@ class Transformer(nn.Module):
             slots_q = index + jnp.arange(t)
             slots_k = jnp.arange(key_valid.shape[1])
         mask = (slots_k[None, None, :] <= slots_q[None, :, None]) & key_valid[:, None, :]
+        if segments is not None:
+            mask = mask & (segments[:, :, None] == segments[:, None, :])
 
         embed = nn.Embed(
             c.vocab_size, c.dim, embedding_init=_init(("vocab", "embed"), 1.0 if not c.tie_embeddings else 0.02), name="embed"

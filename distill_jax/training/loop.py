@@ -347,6 +347,10 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     inputs = TOKEN_INPUTS if tokens else IMAGE_INPUTS
     split_arrays = {name: _arrays(splits[name], tokens) for name in ("train", "val", "test") if name in splits}
     train_arrays = split_arrays["train"]
+    if tokens and "segments" in train_arrays:  # packed rows (distill_jax.data.text.pack_examples)
+        inputs = TOKEN_INPUTS + ("segments",)
+        for arrays in split_arrays.values():  # an unpacked split: one segment per row
+            arrays.setdefault("segments", arrays["valid"].astype(np.int32))
     for name, array in train_arrays.items():
         if np.issubdtype(array.dtype, np.floating):
             _check_finite(f"the training {name}s", array)
@@ -566,8 +570,11 @@ def _arrays(split, tokens: bool) -> dict[str, np.ndarray]:
                 f"(see distill_jax.proj.reasoning.task.token_splits), got {type(split).__name__}"
                 + (f" with keys {sorted(split)}" if isinstance(split, Mapping) else "") + "."
             )
-        return {"inputs": np.asarray(split["inputs"], np.int32), "valid": np.asarray(split["valid"], bool),
-                "label": np.asarray(split["label"], np.int32), "mask": np.asarray(split["mask"], np.float32)}
+        arrays = {"inputs": np.asarray(split["inputs"], np.int32), "valid": np.asarray(split["valid"], bool),
+                  "label": np.asarray(split["label"], np.int32), "mask": np.asarray(split["mask"], np.float32)}
+        if "segments" in split:  # packed: several examples per row
+            arrays["segments"] = np.asarray(split["segments"], np.int32)
+        return arrays
     return {"image": np.asarray(split.images), "label": np.asarray(split.labels, np.int32)}
 
 
