@@ -356,7 +356,7 @@ def chunked_top_k_kd(
     teacher_top_indices: ArrayLike,
     mask: ArrayLike,
     *,
-    tail: Literal["renormalize", "bucket"] = "renormalize",
+    tail: Literal["renormalize", "bucket"] = "bucket",
     temperature: ArrayLike = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Array, Array]:
@@ -368,9 +368,10 @@ def chunked_top_k_kd(
 
     where :math:`p^K` is the teacher's stored top-k log-probabilities at T
     (:func:`~distill_jax.losses.top_k_log_probs`, what a logit cache keeps)
-    and the tail is handled as ``tail`` says (``"renormalize"``: both sides
-    renormalized over the kept entries; ``"bucket"``: a (k+1)-th entry holds
-    the remaining mass). No T^2 factor, as :func:`~distill_jax.losses.top_k_kd`.
+    and the tail is handled as ``tail`` says (``"bucket"``, the default: a
+    (k+1)-th entry holds the remaining mass; ``"renormalize"``: both sides
+    renormalized over the kept entries, which ignores the student's mass
+    outside them and is refused for k = 1). No T^2 factor, as :func:`~distill_jax.losses.top_k_kd`.
 
     Materialized: the student's ``[batch, chunk_size, vocab]`` logits and
     log-probs per chunk (recomputed in the backward pass); the teacher side
@@ -402,8 +403,7 @@ def chunked_top_k_kd(
       >>> bool(jnp.allclose(total / count, full.mean(), rtol=1e-5))
       True
     """
-    if tail not in ("renormalize", "bucket"):
-        raise ValueError(f"tail must be 'renormalize' or 'bucket', got {tail!r}.")
+    losses.check_top_k_tail(tail, jnp.shape(teacher_top_values)[-1] if jnp.ndim(teacher_top_values) else None)
     chunk_size = _check_chunk_size(chunk_size)
     losses._check_temperature(temperature)
     h, w = jnp.asarray(student_hidden), jnp.asarray(student_head)

@@ -544,12 +544,24 @@ def top_k_log_probs(
     return values, indices
 
 
+def check_top_k_tail(tail: str, k: int | None) -> None:
+    """Refuses a tail mode that does not exist, and a top-k loss that cannot train (k=1 with renormalize)."""
+    if tail not in ("renormalize", "bucket"):
+        raise ValueError(f"tail must be 'renormalize' or 'bucket', got {tail!r}.")
+    if tail == "renormalize" and k == 1:
+        raise ValueError(
+            "top-k KD with k=1 and tail='renormalize' is 0 with gradient 0 for every student (one kept entry "
+            "renormalizes to probability 1 on both sides), so it would train nothing. Use tail='bucket', which "
+            "also scores the mass outside the teacher's top k, or keep k >= 2 entries."
+        )
+
+
 def top_k_kd(
     student_logits: ArrayLike,
     teacher_top_values: ArrayLike,
     teacher_top_indices: ArrayLike,
     temperature: ArrayLike = 1.0,
-    tail: Literal["renormalize", "bucket"] = "renormalize",
+    tail: Literal["renormalize", "bucket"] = "bucket",
     *,
     axis: int = -1,
     where: ArrayLike | None = None,
@@ -563,10 +575,7 @@ def top_k_kd(
     q = softmax(s / T) over its full vocabulary. Two ways to treat the
     teacher's missing mass:
 
-    * ``tail="renormalize"``: both distributions are renormalized over the k
-      kept entries, :math:`\ell = \mathrm{KL}(\hat p_K \| \hat q_K)`
-      (ignores the tail; what most top-k logit caches do).
-    * ``tail="bucket"``: a (k+1)-th "tail" entry holds the remaining mass,
+    * ``tail="bucket"`` (the default): a (k+1)-th "tail" entry holds the remaining mass,
       :math:`1 - \sum_K p` for the teacher and :math:`\sum_{j \notin K} q_j`
       for the student (computed as a logsumexp, not by subtraction), so the
       student is also told how much mass to keep off the top k. With k equal
@@ -575,6 +584,13 @@ def top_k_kd(
       the tail on both sides; a student with no mass left outside the kept
       entries has no tail, and then the teacher's tail mass leaves the
       comparison and the rest is renormalized.
+    * ``tail="renormalize"``: both distributions are renormalized over the k
+      kept entries, :math:`\ell = \mathrm{KL}(\hat p_K \| \hat q_K)`
+      (what many top-k logit caches do). Not a divergence between the full
+      distributions: it ignores how much mass the student puts outside the
+      teacher's top k (any amount there costs nothing), and with k = 1 it
+      is 0 with gradient 0 for every student, so k = 1 is refused; a row
+      whose padding leaves one kept entry contributes nothing either.
 
     No T^2 factor (as :func:`forward_kl`); scale the objective weight by T^2
     for Hinton-style mixing.
@@ -597,8 +613,7 @@ def top_k_kd(
     Returns:
       Per-example KL, float32.
     """
-    if tail not in ("renormalize", "bucket"):
-        raise ValueError(f"tail must be 'renormalize' or 'bucket', got {tail!r}.")
+    check_top_k_tail(tail, jnp.shape(teacher_top_values)[-1] if jnp.ndim(teacher_top_values) else None)
     temperature = _temperature(temperature)
     student = jnp.moveaxis(_float32(student_logits), axis, -1)
     values = _float32(teacher_top_values)

@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from distill_jax import chunked
 from distill_jax import losses as L
+from distill_jax.proj.reasoning import sequence
 
 
 
@@ -245,6 +247,8 @@ def test_decoupled_kd_equals_hinton_kd_decomposition():
 def test_top_k_kd_matches_numpy(pair, k, T, tail):
     s, t = pair
     k = min(k, s.shape[1])
+    if tail == "renormalize":
+        k = max(k, 2)  # k=1 is refused (test_top_1_with_renormalize_is_refused_because_it_cannot_train)
     # Ties make "the" top-k ambiguous; nudge the teacher to distinct values.
     t = t + np.arange(t.shape[1], dtype=np.float32) * 1e-3
     values, indices = L.top_k_log_probs(t, k, T)
@@ -430,6 +434,28 @@ def test_bucket_teaches_the_tail_mass_renormalize_does_not():
     assert abs(renorm) < 1e-5
     want = np_kl([0.4, 0.2, 0.4], [0.66, 0.33, 0.01])
     np.testing.assert_allclose(bucket, want, rtol=1e-4)
+
+
+def test_top_k_kd_default_tail_is_the_bucket_divergence():
+    k = jax.random.split(jax.random.key(5), 2)
+    s, t = jax.random.normal(k[0], (3, 7)), jax.random.normal(k[1], (3, 7))
+    values, indices = L.top_k_log_probs(t, k=2)
+    np.testing.assert_array_equal(L.top_k_kd(s, values, indices), L.top_k_kd(s, values, indices, tail="bucket"))
+    assert sequence.LossSpec("top_k").tail == "bucket"
+
+
+def test_top_1_with_renormalize_is_refused_because_it_cannot_train():
+    # What it would be: loss 0 and gradient 0 for any student.
+    s = jax.random.normal(jax.random.key(6), (4, 9))
+    values, indices = L.top_k_log_probs(jax.random.normal(jax.random.key(7), (4, 9)), k=1)
+    with pytest.raises(ValueError, match="k=1 and tail='renormalize'.*Use tail='bucket'"):
+        L.top_k_kd(s, values, indices, tail="renormalize")
+    with pytest.raises(ValueError, match="k=1 and tail='renormalize'"):
+        chunked.chunked_top_k_kd(s[None], jnp.eye(9), values[None], indices[None], jnp.ones((1, 4)), tail="renormalize")
+    value, grad = jax.value_and_grad(lambda x: L.top_k_kd(x, values, indices).sum())(s)  # bucket trains
+    assert float(value) > 0 and float(jnp.abs(grad).max()) > 0
+    with pytest.raises(ValueError, match="tail must be"):
+        sequence.LossSpec("top_k", tail="drop")
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
@@ -706,7 +732,7 @@ _NAN_LOSSES = [
     lambda s, t: L.generalized_jsd(s, t, 0.3, 2.0),
     lambda s, t: L.logit_mse(s, t),
     lambda s, t: L.decoupled_kd(s, t, labels=jnp.array([0, 1])),
-    lambda s, t: L.top_k_kd(s, *L.top_k_log_probs(t, k=3), 2.0),
+    lambda s, t: L.top_k_kd(s, *L.top_k_log_probs(t, k=3), 2.0, "renormalize"),
     lambda s, t: L.top_k_kd(s, *L.top_k_log_probs(t, k=3), 2.0, "bucket"),
 ]
 

@@ -292,7 +292,8 @@ def one_digit_data():
     return R.encode_problems(ONE_DIGIT, length=PROMPT_LEN + NEW_TOKENS)
 
 
-def test_train_makes_exactly_the_scheduled_batches_from_the_students_own_samples(monkeypatch):
+@pytest.mark.parametrize("temperature", [None, 0.5])
+def test_train_makes_exactly_the_scheduled_batches_from_the_students_own_samples(monkeypatch, temperature):
     steps, fraction, batch_size = STEP_OPTIMIZER.steps, 0.25, 4
     prompt_tokens, prompt_valid = R.prompt_arrays(ONE_DIGIT, length=PROMPT_LEN)
     data = one_digit_data()
@@ -328,6 +329,7 @@ def test_train_makes_exactly_the_scheduled_batches_from_the_students_own_samples
     _, history = S.train(
         TINY, data, spec=S.LossSpec("sft"), optimizer=STEP_OPTIMIZER, batch_size=batch_size, seed=0,
         on_policy_fraction=fraction, prompts={"tokens": prompt_tokens, "valid": prompt_valid}, max_new_tokens=NEW_TOKENS,
+        **({} if temperature is None else {"on_policy_temperature": temperature}),
     )
     step_events = [i for i, e in enumerate(events) if e[0] == "step"]
     assert len(step_events) == steps
@@ -343,7 +345,9 @@ def test_train_makes_exactly_the_scheduled_batches_from_the_students_own_samples
             assert all(tuple(r) in rows for r in batch["inputs"])
             continue
         _, gen_params, gen_prompts, gen_valid, sampling, out = events[i - 1]
-        assert sampling.temperature == 1.0 and sampling.max_new_tokens == NEW_TOKENS
+        # Drawn at the configured temperature (GKD's default: 1).
+        assert sampling.temperature == (1.0 if temperature is None else temperature)
+        assert sampling.max_new_tokens == NEW_TOKENS
         assert len(gen_prompts) == batch_size and all(tuple(p) in prompt_rows for p in gen_prompts)
         np.testing.assert_array_equal(gen_valid, gen_prompts != R.PAD)
         # Sampled by the student as it is at that step: the parameters after the previous update.
@@ -354,6 +358,15 @@ def test_train_makes_exactly_the_scheduled_batches_from_the_students_own_samples
         mask = batch["loss_mask"] > 0
         for row in range(batch_size):
             np.testing.assert_array_equal(batch["targets"][row][mask[row]], tokens[row, : lengths[row]])
+
+
+def test_an_invalid_on_policy_temperature_is_refused_before_training():
+    prompt_tokens, prompt_valid = R.prompt_arrays(ONE_DIGIT, length=PROMPT_LEN)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="on_policy_temperature must be"):
+            S.train(TINY, one_digit_data(), spec=S.LossSpec("sft"), optimizer=STEP_OPTIMIZER, batch_size=4, seed=0,
+                    on_policy_fraction=0.5, prompts={"tokens": prompt_tokens, "valid": prompt_valid},
+                    max_new_tokens=NEW_TOKENS, on_policy_temperature=bad)
 
 
 # ------------------------------------------------------------------ the jitted LM step against an independent computation

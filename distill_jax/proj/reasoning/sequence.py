@@ -73,7 +73,7 @@ class LossSpec:
     kind: LossKind = "sft"
     temperature: float = 1.0
     beta: float = 0.5
-    tail: Literal["renormalize", "bucket"] = "renormalize"
+    tail: Literal["renormalize", "bucket"] = "bucket"
     sft_weight: float = 0.0
 
     def __post_init__(self):
@@ -83,6 +83,7 @@ class LossSpec:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must lie in [0, 1], got {self.beta}.")
+        losses.check_top_k_tail(self.tail, None)
 
     @property
     def needs_teacher(self) -> bool:
@@ -291,6 +292,7 @@ def train(
     on_policy_fraction: float = 0.0,
     prompts: Mapping[str, np.ndarray] | None = None,
     max_new_tokens: int | None = None,
+    on_policy_temperature: float = 1.0,
     log_every: int = 0,
 ) -> tuple[PyTree, dict]:
     """Trains ``config`` for ``optimizer.steps`` batches; returns ``(params, history)``.
@@ -299,7 +301,8 @@ def train(
     (plus a top-k cache for ``top_k``), one row per example; batches are
     drawn by a seeded shuffle, epoch after epoch. With
     ``on_policy_fraction`` > 0 (GKD's lambda), that fraction of the batches
-    is instead made of the student's own samples (temperature 1) for
+    is instead made of the student's own samples, drawn at
+    ``on_policy_temperature`` (0 = greedy; GKD samples at 1), for
     ``prompts`` (``{"tokens", "valid"}``, left-padded, see
     :func:`~distill_jax.proj.reasoning.task.prompt_arrays`), and scored with the
     same loss. ``params`` (default: a fresh init from ``seed``) continues
@@ -321,6 +324,8 @@ def train(
         raise ValueError("loss 'top_k' needs teacher_top_values / teacher_top_indices in data (teacher_top_k_cache).")
     if on_policy_fraction and (prompts is None or max_new_tokens is None):
         raise ValueError("on-policy batches need prompts and max_new_tokens.")
+    if not (np.isfinite(on_policy_temperature) and on_policy_temperature >= 0):
+        raise ValueError(f"on_policy_temperature must be a finite number >= 0 (0 = greedy), got {on_policy_temperature}.")
     teacher_configs = tuple(c for c, _ in teachers)
     teacher_params = tuple(p for _, p in teachers)
     step = make_lm_train_step(config, spec, optimizer, teacher_configs)
@@ -332,7 +337,7 @@ def train(
     device_data = {name: jnp.asarray(value) for name, value in data.items()}
     on_policy = on_policy_schedule(optimizer.steps, on_policy_fraction)
     sampling = SamplingConfig(
-        max_new_tokens=max_new_tokens or 1, temperature=1.0, eos_id=reasoning.EOS, pad_id=reasoning.PAD,
+        max_new_tokens=max_new_tokens or 1, temperature=float(on_policy_temperature), eos_id=reasoning.EOS, pad_id=reasoning.PAD,
         banned_ids=(reasoning.PAD, reasoning.BOS),
     )
     rng = np.random.default_rng(seed)
