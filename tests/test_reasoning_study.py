@@ -1,4 +1,4 @@
-"""The reasoning-distillation study's smoke profile, end to end through the CLI (every row's code path)."""
+"""The reasoning-distillation study: its parts (strength picks, verifiers, splits, intervals) and the smoke profile end to end."""
 
 import json
 import os
@@ -9,13 +9,80 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill_jax.proj.reasoning import study as reasoning_study
+from distill_jax.proj import stats
+from distill_jax.proj.reasoning import study
+from distill_jax.proj.reasoning import task as R
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).parent.parent
 # The smoke study compiles ~15 small programs; XLA's cheaper CPU optimization
 # levels cut its compile time about 4x (set in the child: XLA reads them at start).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+# ------------------------------------------------------------------ parts
+
+
+def test_strengths_are_picked_on_the_validation_curve():
+    curve = [(100, 0.1), (200, 0.55), (300, 0.68), (400, 0.97), (500, 0.97), (600, 0.95)]
+    assert study._pick_strengths(curve, (0.5, 0.7)) == {"weak": 1, "strong": 3}  # first in range; earliest best
+    # Nothing in range: the checkpoint closest to its middle.
+    assert study._pick_strengths([(1, 0.2), (2, 0.45), (3, 1.0)], (0.5, 0.7)) == {"weak": 1, "strong": 2}
+
+
+def test_the_trace_verifier_checks_every_step_the_answer_verifier_only_the_answer():
+    p = R.Problem(347, 598)
+    good = R.completion(p)  # <think>7+8+0=15;4+9+1=14;3+5+1=09;</think>A:945<eos>
+    wrong_step = good.replace("4+9+1=14", "4+9+1=13")
+    wrong_carry = good.replace("4+9+1=14", "4+9+0=14")
+    no_trace = R.completion(p, "answer")
+    assert R.verify(p, good) and R.verify_trace(p, good)
+    for text in (wrong_step, wrong_carry, no_trace):
+        assert R.verify(p, text) and not R.verify_trace(p, text), text
+    assert not R.verify_trace(p, good.replace("A:945", "A:946"))
+    assert R.verify_trace(p, R.TOKENIZER.encode(good) + [R.PAD, R.PAD])  # after <eos>: ignored
+    assert not R.verify_trace(p, R.TOKENIZER.encode(good)[:-1])  # no <eos>
+
+
+def test_study_splits_are_disjoint_and_ood_holds_only_the_held_out_length_pairs():
+    s = R.make_study_splits(5, num_train=600, num_val=100, num_test=200, num_ood=80, max_digits=3, held_out=((1, 3), (3, 1)))
+    assert [len(s[k]) for k in ("train", "val", "test", "ood")] == [600, 100, 200, 80]
+    sets = {k: set(v) for k, v in s.items()}
+    for a in sets:
+        for b in sets:
+            if a < b:
+                assert not sets[a] & sets[b], (a, b)
+    assert {R.operand_lengths(p) for p in s["ood"]} == {(1, 3), (3, 1)}
+    seen = {R.operand_lengths(p) for k in ("train", "val", "test") for p in s[k]}
+    assert not seen & {(1, 3), (3, 1)} and (3, 3) in seen and (2, 1) in seen
+    assert R.make_study_splits(5, num_train=600, num_val=100, num_test=200, num_ood=80) == s  # deterministic
+    with pytest.raises(ValueError, match="not operand lengths"):
+        R.make_study_splits(0, num_train=1, num_val=1, num_test=1, num_ood=1, max_digits=2, held_out=((1, 3),))
+
+
+def test_bootstrap_interval_matches_the_binomial_width_and_pairs_differences():
+    rng = np.random.default_rng(0)
+    p, n = 0.7, 2000
+    scores = (rng.random((1, n)) < p).astype(float)
+    ci = stats.bootstrap_ci(scores, num_resamples=4000)
+    half = 1.96 * np.sqrt(scores.mean() * (1 - scores.mean()) / n)  # normal approximation, independent formula
+    assert ci["low"] < scores.mean() < ci["high"]
+    assert (ci["high"] - ci["low"]) / 2 == pytest.approx(half, rel=0.1)
+    # Paired: two rows that differ on 30 of 2000 problems have a tight interval around +1.5 points,
+    # much tighter than either row's own interval.
+    other = scores.copy()
+    flips = np.flatnonzero(other[0] == 1)[:30]
+    other[0, flips] = 0
+    d = stats.bootstrap_ci(scores - other)
+    assert d["mean"] == pytest.approx(30 / n) and 0 < d["low"] < d["high"] < 0.025
+    # Seeds add their spread: 5 seeds with different means give a wider interval than one.
+    seeds = np.stack([(rng.random(n) < q).astype(float) for q in (0.5, 0.6, 0.7, 0.8, 0.9)])
+    wide = stats.bootstrap_ci(seeds)
+    assert wide["high"] - wide["low"] > 3 * (ci["high"] - ci["low"])
+    with pytest.raises(ValueError, match="NaN"):
+        stats.bootstrap_ci(np.array([[1.0, np.nan]]))
+
+
+# ------------------------------------------------------------------ the smoke profile, end to end
 
 
 def _study(tmp_path, *overrides):
@@ -25,129 +92,75 @@ def _study(tmp_path, *overrides):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_smoke_reasoning_study_runs_every_row_and_writes_table_json_and_plot(tmp_path):
-    # Two seeds in two worker processes: the path the full profile takes.
-    two_seeds = ["--config.seeds=(0,1)", "--config.workers=2"]
+@pytest.mark.slow
+def test_smoke_study_runs_every_row_and_every_number_traces_back_to_the_runs(tmp_path):
+    two_seeds = ["--config.seeds=(0,1)", "--config.workers=2"]  # two worker processes: the path of the full profile
     out = _study(tmp_path, *two_seeds)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((tmp_path / "results" / "reasoning_r1_smoke.json").read_text())
-    assert summary["seeds"] == [0, 1] and summary["workers"] == 2
-    assert all(t > 0 for t in summary["seed_wall_time_s"])
-    rows = summary["rows"]
-    always = {"teacher", "teacher_b", "answer_only", "traces", "tokenkd", "tokenkd_top2", "gkd_offpolicy",
-              "gkd_onpolicy", "multi_tokenkd"}
-    assert always <= set(rows), sorted(rows)
-    for name, stats in rows.items():
-        for metric in ("test", "ood", "test_pass@2", "ood_pass@2"):
-            assert 0.0 <= stats[metric]["mean"] <= 1.0, (name, metric)
-    assert rows["teacher"]["test"]["n"] == 2  # both seeds aggregated
-    assert rows["tokenkd_top2"]["cache_bytes_per_token"]["mean"] == 16
-    rejection = summary["rejection_sampling"]["a"]
-    assert 0.0 <= rejection["acceptance_rate"]["mean"] <= 1.0
-    # seq-KD rows exist exactly when the smoke teacher got a verified sample.
-    assert ("seqkd" in rows) == (rejection["kept_unique"]["mean"] > 0)
-    table = (tmp_path / "results" / "reasoning_r1_smoke.md").read_text()
-    assert "| student, GT answers only |" in table and table in out.stdout
-    if any(r["curve"] for r in summary["per_seed"]):
-        assert (tmp_path / "results" / "reasoning_r1_smoke_samples.png").stat().st_size > 0
-    _check_consistency(summary, table, tmp_path / "runs" / "reasoning_r1_smoke")
+    record = json.loads((tmp_path / "results" / "reasoning_r1_smoke.json").read_text())
+    summary, config = record["summary"], record["config"]
+    run_dir = tmp_path / "runs" / "reasoning_r1_smoke"
+    shared = json.loads((run_dir / "teachers.json").read_text())
+    per_seed = [json.loads((run_dir / f"seed{s}.json").read_text())["result"] for s in (0, 1)]
+    task = study._Task(study.ml_collections.ConfigDict(config))
+    test, train = task.splits["test"], task.splits["train"]
 
-    # Finished seeds are saved and reused: a re-run trains nothing and gives the same rows.
-    seed_files = sorted((tmp_path / "runs" / "reasoning_r1_smoke").glob("seed*.json"))
-    assert [f.name for f in seed_files] == ["seed0.json", "seed1.json"]
-    stamps = [f.stat().st_mtime_ns for f in seed_files]
+    # Teacher strengths: the picks the validation curve gives; their scores are what the summary reports.
+    curve = [tuple(p) for p in shared["val_curve"]]
+    picks = study._pick_strengths(curve, config["teacher"]["weak_range"])
+    for strength, index in picks.items():
+        t = shared["teachers"][strength]
+        assert (t["step"], t["val"]) == curve[index]
+        assert summary["teachers"][strength]["test"]["mean"] == pytest.approx(np.mean([c == "1" for c in t["test_correct"]]))
+        assert len(t["test_correct"]) == len(test) and len(t["ood_correct"]) == config["task"]["num_ood"]
+    # Pools: what each verifier accepts of the teacher's outputs, distinct per problem.
+    for strength, pool in shared["pools"].items():
+        pairs, st = pool["pairs"], pool["stats"]
+        assert all(R.verify(train[i], text) for i, text in pairs["answer"])
+        assert all(R.verify_trace(train[i], text) for i, text in pairs["trace"])
+        assert {tuple(p) for p in pairs["trace"]} <= {tuple(p) for p in pairs["answer"]}
+        assert len({tuple(p) for p in pairs["answer"]}) == len(pairs["answer"]) == st["answer_pool"]
+        assert st["sampled"] == len(train) * config["samples"]["num_samples"]
+        assert st["trace_acceptance"] <= st["answer_acceptance"]
+    assert shared["pools"]["strong"]["stats"]["answer_pool"] > 0  # else the KD rows below did not run
+
+    rows = summary["rows"]
+    expected = {"gt_answers", "gt_traces"} | {f"strong_{r}" for r in ("greedy", "answer", "trace", "tokenkd", "gkd", "sft_more")}
+    assert expected <= set(rows), sorted(rows)
+    k = summary["pass_k"]
+    for name, row in rows.items():
+        bits = np.stack([[c == "1" for c in r["rows"][name]["test_correct"]] for r in per_seed]).astype(float)
+        assert row["test"]["mean"] == pytest.approx(bits.mean()) and row["test"]["low"] <= bits.mean() <= row["test"]["high"]
+        assert row["train_examples"] == per_seed[0]["rows"][name]["train_examples"]
+        for r in per_seed:  # the checkpoint is the best on validation (the earliest of equals)
+            seed_row = r["rows"][name]
+            best = max(a for _, a in seed_row["val_curve"])
+            assert seed_row["val"] == best and seed_row["step"] == next(s for s, a in seed_row["val_curve"] if a == best)
+        strength = name.split("_")[0]
+        if strength in study.STRENGTHS:
+            teacher = np.array([c == "1" for c in shared["teachers"][strength]["test_correct"]], float)
+            assert row["minus_teacher"]["mean"] == pytest.approx(bits.mean() - teacher.mean())
+            assert f"minus_teacher_pass@{k}" in row
+    assert rows["strong_answer"]["train_examples"] == shared["pools"]["strong"]["stats"]["answer_pool"]
+    assert rows["gt_traces"]["train_examples"] == len(train)
+    gkd = summary["comparisons"]["strong: on-policy GKD minus compute-matched SFT"]
+    assert gkd["rows"] == ["strong_gkd", "strong_sft_more"]
+    best = summary["best_student"]["strong"]
+    assert rows[best]["val"] == max(r["val"] for n, r in rows.items() if n.startswith("strong_") and not n.endswith("pct"))
+    report = (tmp_path / "results" / "reasoning_r1_smoke.md").read_text()
+    assert report in out.stdout and "| strong_gkd |" in report and "on-policy GKD minus compute-matched SFT" in report
+    for plot in ("samples", "student_minus_teacher"):
+        assert (tmp_path / "results" / f"reasoning_r1_smoke_{plot}.png").stat().st_size > 0
+
+    # Every stage is saved and reused: a re-run trains nothing and reports the same rows.
+    files = sorted(run_dir.glob("*.json")) + [run_dir / "teachers.msgpack"]
+    stamps = [f.stat().st_mtime_ns for f in files]
     again = _study(tmp_path, *two_seeds)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [f.stat().st_mtime_ns for f in seed_files] == stamps
-    resumed = json.loads((tmp_path / "results" / "reasoning_r1_smoke.json").read_text())
-    assert resumed["rows"] == rows and resumed["seed_wall_time_s"] == summary["seed_wall_time_s"]
-
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert json.loads((tmp_path / "results" / "reasoning_r1_smoke.json").read_text())["summary"]["rows"] == rows
     # The same study name with another config is refused before any training.
-    changed = _study(tmp_path, *two_seeds, "--config.student.steps=4")
-    assert changed.returncode != 0
-    assert "CheckpointMismatchError" in changed.stderr and "run with another config" in changed.stderr
-
-
-def _cell(values, scale, digits):
-    """A table cell from the per-seed values, computed here with numpy: mean, or mean ± sample std."""
-    values = [v for v in values if v is not None]
-    if len(values) == 1:
-        return f"{values[0] * scale:.{digits}f}"
-    return f"{np.mean(values) * scale:.{digits}f} ± {np.std(values, ddof=1) * scale:.{digits}f}"
-
-
-def _check_consistency(summary, table, seed_dir):
-    """What only a working pipeline gives: every number in the JSON and the table traces back to the runs."""
-    per_seed, rows, k = summary["per_seed"], summary["rows"], summary["pass_k"]
-    config = summary["config"]
-    num_train, vocab = config["task"]["num_train"], 22
-    # The seed files hold exactly the per-seed results the summary aggregates.
-    for seed, result in zip(summary["seeds"], per_seed):
-        assert json.loads((seed_dir / f"seed{seed}.json").read_text())["result"] == result
-    # Aggregate = mean / sample std / count of the per-seed values.
-    for name, stats in rows.items():
-        for metric, stat in stats.items():
-            values = [r["rows"][name][metric] for r in per_seed if name in r["rows"] and r["rows"][name][metric] is not None]
-            assert stat["n"] == len(values), (name, metric)
-            if values:
-                assert stat["mean"] == pytest.approx(np.mean(values), abs=1e-9), (name, metric)
-                assert stat["std"] == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0, abs=1e-9)
-    # The markdown table's cells are those numbers, row by row in the summary's order.
-    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| row |")]
-    assert len(lines) == len(rows)
-    for line, name in zip(lines, rows):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        values = lambda m: [r["rows"][name].get(m) for r in per_seed if name in r["rows"]]
-        metrics = ["test", "ood", f"test_pass@{k}", f"ood_pass@{k}"]
-        assert cells[1:5] == [_cell(values(m), 100, 1) for m in metrics], (name, line)
-        assert cells[-1] == f"{np.mean(values('train_examples')):.0f}"
-    for seed_result in per_seed:
-        r, extra = seed_result["rows"], seed_result["extra"]
-        # Student / teacher ratio of each student row is its test accuracy over the teacher's.
-        for name, row in r.items():
-            if "ratio_to_teacher" in row:
-                best = r["teacher"]["test"] if not name.startswith("multi_") else max(r["teacher"]["test"], r["teacher_b"]["test"])
-                assert row["ratio_to_teacher"] == (pytest.approx(row["test"] / best) if best > 0 else None), name
-        for name in ("teacher", "teacher_b", "answer_only", "traces", "tokenkd", "tokenkd_top2", "gkd_offpolicy",
-                     "gkd_onpolicy", "multi_tokenkd"):
-            assert r[name]["train_examples"] == num_train, name  # one row per training problem
-        assert r["tokenkd_top2"]["full_logits_bytes_per_token"] == 4 * vocab
-        # Rejection sampling: K samples per training problem; what is kept is what seq-KD trains on.
-        kept = {}
-        for t in "ab":
-            stats = extra[f"rejection_sampling_teacher_{t}"]
-            assert stats["sampled"] == num_train * config["seqkd"]["num_samples"]
-            assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["sampled"])
-            # Every covered problem keeps >= 1 unique text, and no more unique texts than accepted samples.
-            assert round(stats["problems_covered"] * num_train) <= stats["kept_unique"] <= stats["accepted"]
-            kept[t] = stats["kept_unique"]
-        assert ("seqkd" in r) == (kept["a"] > 0)
-        if kept["a"]:
-            assert r["seqkd"]["train_examples"] == kept["a"]
-            subset = round(0.5 * kept["a"])
-            assert ("seqkd_50pct" in r) == (1 <= subset < kept["a"])
-            if "seqkd_50pct" in r:
-                assert r["seqkd_50pct"]["train_examples"] == subset
-            curve = {p["samples"]: p for p in seed_result["curve"]}
-            for name in ("seqkd", "seqkd_50pct"):
-                if name in r:
-                    point = curve[r[name]["train_examples"]]
-                    assert (point["test"], point["ood"]) == (r[name]["test"], r[name]["ood"])
-        if kept["a"] + kept["b"]:
-            assert r["multi_seqkd"]["train_examples"] == kept["a"] + kept["b"]
-        # Training did something: the 60-step teacher's loss is far below an untrained model's ln(vocab) and
-        # the 3-step trace student's; the generalized JSD at beta = 1/2 never exceeds ln 2 (forward KL would).
-        assert r["teacher"]["final_loss"] < 0.5 * np.log(vocab)
-        assert r["teacher"]["final_loss"] < 0.5 * r["traces"]["final_loss"]
-        for name in ("gkd_offpolicy", "gkd_onpolicy"):
-            assert 0.0 <= r[name]["final_loss"] <= np.log(2.0), name
-        for name in ("tokenkd", "tokenkd_top2", "multi_tokenkd"):
-            assert r[name]["final_loss"] >= 0.0, name
-
-
-def test_aggregate_gives_mean_and_sample_std_over_seeds():
-    per_seed = [{"rows": {"a": {"test": 0.5, "ood": 0.1}}}, {"rows": {"a": {"test": 0.7, "ood": 0.3}, "b": {"test": 1.0}}}]
-    stats = reasoning_study.aggregate(per_seed)
-    assert stats["a"]["test"]["mean"] == pytest.approx(0.6)
-    assert stats["a"]["test"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert stats["b"]["test"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    changed = _study(tmp_path, *two_seeds, "--config.student.steps=6")
+    assert changed.returncode != 0 and "another config" in changed.stderr
+    changed = _study(tmp_path, *two_seeds, "--config.teacher.steps=10")
+    assert changed.returncode != 0 and "another config" in changed.stderr

@@ -30,3 +30,46 @@ def mean_std(values: Iterable[float | None], *, digits: int | None = None, with_
     if with_values:
         out["values"] = values
     return out
+
+
+def bootstrap_ci(
+    scores,
+    *,
+    num_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Mean of a ``[seeds, problems]`` score matrix with a two-level percentile bootstrap interval.
+
+    Each resample draws seeds and problems with replacement, independently,
+    so the interval covers both training randomness (seeds) and the finite
+    test set (problems). For a **paired difference** pass the difference of
+    two rows' matrices (same seeds, same problems); a fixed reference (a
+    teacher's per-problem scores) broadcasts as a ``[problems]`` row. One seed
+    resamples problems only.
+
+    Returns ``{"mean", "low", "high", "n_seeds", "n_problems"}``.
+
+    >>> out = bootstrap_ci(np.ones((3, 50)))
+    >>> out["mean"], out["low"], out["high"]
+    (1.0, 1.0, 1.0)
+    """
+    m = np.asarray(scores, np.float64)
+    if m.ndim == 1:
+        m = m[None]
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"scores must be a non-empty [seeds, problems] matrix, got shape {np.shape(scores)}.")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("scores hold NaN or inf: a missing score is not a zero; drop that seed or row instead.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    rng = np.random.default_rng(seed)
+    s, p = m.shape
+    means = np.empty(num_resamples)
+    for r in range(num_resamples):
+        rows = rng.integers(0, s, s) if s > 1 else np.zeros(1, int)
+        cols = rng.integers(0, p, p)
+        means[r] = m[np.ix_(rows, cols)].mean()
+    tail = (1 - level) / 2
+    return {"mean": float(m.mean()), "low": float(np.quantile(means, tail)), "high": float(np.quantile(means, 1 - tail)),
+            "n_seeds": int(s), "n_problems": int(p)}

@@ -294,6 +294,7 @@ def train(
     max_new_tokens: int | None = None,
     on_policy_temperature: float = 1.0,
     log_every: int = 0,
+    checkpoint_every: int = 0,
 ) -> tuple[PyTree, dict]:
     """Trains ``config`` for ``optimizer.steps`` batches; returns ``(params, history)``.
 
@@ -306,7 +307,10 @@ def train(
     ``prompts`` (``{"tokens", "valid"}``, left-padded, see
     :func:`~distill_jax.proj.reasoning.task.prompt_arrays`), and scored with the
     same loss. ``params`` (default: a fresh init from ``seed``) continues
-    training from given weights.
+    training from given weights. ``checkpoint_every`` > 0 keeps a host copy
+    of the parameters after every that many steps and after the last one, in
+    ``history["checkpoints"]`` as ``(steps done, params)`` (for choosing a
+    checkpoint on validation data afterwards).
     """
     n = len(data["inputs"])
     if n == 0:
@@ -342,7 +346,9 @@ def train(
     )
     rng = np.random.default_rng(seed)
     order = np.empty(0, np.int64)
-    history: dict[str, list] = {"loss": [], "token_accuracy": []}
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}.")
+    history: dict[str, list] = {"loss": [], "token_accuracy": [], "checkpoints": []}
     t0 = time.perf_counter()
     for i in range(optimizer.steps):
         while len(order) < batch_size:  # epochs back to back (several per batch if n < batch_size)
@@ -359,6 +365,8 @@ def train(
         if log_every and (i % log_every == 0 or i == optimizer.steps - 1):
             history["loss"].append((i, float(metrics["loss"])))
             history["token_accuracy"].append((i, float(metrics["token_accuracy"])))
+        if checkpoint_every and ((i + 1) % checkpoint_every == 0 or i == optimizer.steps - 1):
+            history["checkpoints"].append((i + 1, jax.tree_util.tree_map(np.array, state.params)))  # copies: the step donates its state
     jax.block_until_ready(state.params)
     history["final_loss"] = float(metrics["loss"]) if optimizer.steps else float("nan")
     history["wall_time_s"] = time.perf_counter() - t0

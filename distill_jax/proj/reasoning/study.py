@@ -1,97 +1,100 @@
-"""The reasoning-distillation study (``make reproduce-reasoning``): R1-style, token-level, on-policy, multi-teacher.
+"""The reasoning-distillation study (``make reproduce-reasoning``): can a student beat its teacher?
 
-For each seed, on the arithmetic task of :mod:`distill_jax.proj.reasoning.task`:
+Questions: does a student distilled from a teacher's verified chain-of-thought
+samples (the DeepSeek-R1 recipe) beat that teacher, and what does the verifier
+buy; does on-policy distillation (GKD) beat the same compute spent on more
+supervised fine-tuning. The design (on the arithmetic task of
+:mod:`distill_jax.proj.reasoning.task`):
 
-========================  ==================================================================
-row                       what the student (or teacher) is trained on
-========================  ==================================================================
-``teacher``               teacher, ground-truth traces (SFT)
-``teacher_b``             second teacher, another seed (for the multi-teacher rows)
-``answer_only``           student, ground-truth answers without traces (SFT)
-``traces``                student, ground-truth traces (oracle data, SFT)
-``seqkd``                 student, SFT on the teacher's verified samples (rejection
-                          sampling, K per training problem): the DeepSeek-R1 recipe
-``seqkd_<P>pct``          the same on P % of the kept samples (accuracy vs samples)
-``tokenkd``               student, forward KL at T to the teacher in the loop, on GT traces
-``tokenkd_top<k>``        the same from an offline cache of the teacher's top-k log-probs
-``gkd_offpolicy``         generalized JSD at beta on GT traces (lambda = 0)
-``gkd_onpolicy``          the same with a fraction lambda of batches sampled by the student
-``multi_seqkd``           SFT on both teachers' verified samples, pooled
-``multi_tokenkd``         forward KL to both teachers' averaged distribution
-========================  ==================================================================
+1. **One teacher run, two strengths.** The teacher is trained once on
+   ground-truth traces with a checkpoint every ``teacher.eval_every`` steps;
+   the *weak* teacher is the first checkpoint whose validation greedy accuracy
+   lies in ``teacher.weak_range``, the *strong* one the best on validation.
+   Both are reported with greedy accuracy and pass@k on test.
+2. **Pools of teacher outputs per strength**: its greedy output for every
+   training problem (no verifier); all distinct *answer-verified* samples of
+   K per problem (R1's rule-based reward); the *trace-verified* ones among
+   them (answer and every trace step right). Pool sizes and acceptance rates
+   are reported.
+3. **Rows** (students, every one trained with the same budget and its
+   checkpoint chosen on validation greedy accuracy, never on test):
+   ``gt_answers`` / ``gt_traces`` (ground truth, once); per strength ``S``:
+   ``S_greedy``, ``S_answer``, ``S_trace`` (SFT on each pool), ``S_tokenkd``
+   (forward KL to teacher S on the answer-verified pool), ``S_gkd`` (started
+   from ``S_answer``: on-policy generalized JSD with teacher S for
+   ``finetune.steps`` more steps) against ``S_sft_more`` (the compute-matched
+   control: the same start, the same extra steps of SFT on the same pool),
+   and ``S_answer_<P>pct`` / ``S_trace_<P>pct`` on P % of a pool (accuracy
+   against the number of verified samples).
+4. **Statistics**: every student row runs for every seed, paired (the same
+   seed gives the same initialization, and the same batch order on the same
+   data); each row's test accuracy and each paired difference the
+   conclusions rest on come with a two-level bootstrap 95 % interval over
+   seeds and test problems (:func:`distill_jax.proj.stats.bootstrap_ci`).
+   The primary result: best student (chosen on validation) minus teacher, per
+   strength, against the teacher's greedy accuracy and its pass@k.
+5. **OOD**: operand-length combinations absent from every other split
+   (``task.held_out``, e.g. 1-digit + 3-digit), lengths the models did see.
 
-Every row reports greedy exact-match accuracy and pass@k on the held-out
-test split and on the longer-operand OOD split, its wall time, and the
-student's test accuracy as a fraction of its teacher's (the best teacher's for
-the multi-teacher rows). Rows are aggregated as mean and std over seeds into
-``results/<name>.{json,md}`` plus a plot of accuracy against the number of
-sequence-KD samples.
+Teacher, selection and pools run once, in this process, and are saved under
+``<runs>/<name>/``; seeds then run in single-core worker processes and are
+saved one file each, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import ml_collections
 import numpy as np
+from flax import serialization
 
 from distill_jax.models.transformer import TransformerConfig
-from distill_jax.proj.stats import mean_std
 from distill_jax.proj.reasoning import sequence as seq
 from distill_jax.proj.reasoning import task as reasoning
+from distill_jax.proj.stats import bootstrap_ci
 from distill_jax.training import rundir
 from distill_jax.training.checkpoint import CheckpointMismatchError
 
-__all__ = ["run_reasoning_study", "aggregate", "markdown_table", "plot_samples_curve", "ROW_LABELS"]
+__all__ = ["run_reasoning_study", "summarize", "markdown_report", "STRENGTHS"]
 
-ROW_LABELS = {
-    "teacher": "teacher, GT traces",
-    "teacher_b": "teacher B (other seed), GT traces",
-    "answer_only": "student, GT answers only",
-    "traces": "student, GT traces (oracle)",
-    "seqkd": "student, seq-KD on verified teacher samples (R1)",
-    "tokenkd": "student, token KD (forward KL, teacher in loop)",
-    "gkd_offpolicy": "student, GKD JSD off-policy (lambda=0)",
-    "gkd_onpolicy": "student, GKD JSD on-policy",
-    "multi_seqkd": "student, seq-KD pooled from 2 teachers",
-    "multi_tokenkd": "student, token KD to 2 teachers' mean",
-}
+STRENGTHS = ("weak", "strong")
+POOLS = ("greedy", "answer", "trace")
+
+
+# ------------------------------------------------------------------ task, models, evaluation
 
 
 class _Task:
-    """The splits, the padded training arrays and the lengths every stage shares (one compiled shape each)."""
+    """The splits and the padded shapes every stage shares (one compiled shape each)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         t = config.task
-        self.op = t.op
-        self.splits = reasoning.make_splits(
-            t.data_seed, num_train=t.num_train, num_test=t.num_test, num_ood=t.num_ood,
-            op=t.op, max_digits=t.max_digits, ood_digits=t.ood_digits,
+        self.splits = reasoning.make_study_splits(
+            int(t.data_seed), num_train=int(t.num_train), num_val=int(t.num_val), num_test=int(t.num_test),
+            num_ood=int(t.num_ood), max_digits=int(t.max_digits), held_out=tuple(tuple(p) for p in t.held_out),
         )
-        # One prompt length and one completion budget (the OOD split's, the
-        # longest) for every split, and training rows of exactly prompt +
-        # completion: generation and the off- and on-policy train steps then
-        # share their compiled shapes across splits and stages.
-        digits = max(t.max_digits, t.ood_digits)
-        self.prompt_len = reasoning.max_prompt_len(digits, op=t.op)
-        self.new_tokens = reasoning.max_completion_len(digits, op=t.op)
+        self.prompt_len = reasoning.max_prompt_len(int(t.max_digits))
+        self.new_tokens = reasoning.max_completion_len(int(t.max_digits))
         self.train_len = self.prompt_len + self.new_tokens
-        self.max_len = self.train_len
         self.train_prompts = dict(zip(("tokens", "valid"), reasoning.prompt_arrays(self.splits["train"], length=self.prompt_len)))
 
     def arrays(self, problems, fmt="trace") -> dict[str, np.ndarray]:
         return reasoning.encode_problems(problems, fmt, length=self.train_len)
 
-    def arrays_of(self, pairs: Sequence[tuple[reasoning.Problem, str]]) -> dict[str, np.ndarray]:
-        return reasoning.encode_examples([p.prompt for p, _ in pairs], [c for _, c in pairs], length=self.train_len)
+    def arrays_of(self, pairs: Sequence[tuple[int, str]]) -> dict[str, np.ndarray]:
+        train = self.splits["train"]
+        return reasoning.encode_examples([train[i].prompt for i, _ in pairs], [c for _, c in pairs], length=self.train_len)
 
 
 def _model(config: Mapping[str, Any], task: _Task) -> TransformerConfig:
-    return TransformerConfig.from_mapping(dict(config) | {"vocab_size": reasoning.TOKENIZER.vocab_size, "max_len": task.max_len})
+    return TransformerConfig.from_mapping(dict(config) | {"vocab_size": reasoning.TOKENIZER.vocab_size, "max_len": task.train_len})
 
 
 def _optimizer(stage: Mapping[str, Any]) -> seq.OptimizerSpec:
@@ -101,252 +104,228 @@ def _optimizer(stage: Mapping[str, Any]) -> seq.OptimizerSpec:
     )
 
 
-class _Runner:
-    """Trains and evaluates the rows of one seed; every row's numbers end up in ``self.rows``."""
+def _generate(model, params, problems, task, batch_size, *, key=0, temperature=0.0, num_samples=1):
+    return seq.generate_for(model, params, problems, key=jax.random.key(key), max_new_tokens=task.new_tokens,
+                            temperature=temperature, num_samples=num_samples, batch_size=batch_size, prompt_len=task.prompt_len)
 
-    def __init__(self, config, task: _Task, seed: int, log):
-        self.c, self.task, self.seed, self.log = config, task, seed, log
-        self.teacher_model = _model(config.teacher.model, task)
-        self.student_model = _model(config.student.model, task)
-        self.rows: dict[str, dict] = {}
-        self.curve: list[dict] = []
-        self.extra: dict[str, Any] = {}
 
-    def evaluate(self, model, params) -> dict[str, float]:
-        e, t = self.c.eval, self.task
-        common = dict(pass_k=int(e.pass_k), pass_temperature=float(e.pass_temperature), seed=self.seed, batch_size=int(e.batch_size))
-        test = seq.evaluate(model, params, t.splits["test"], max_new_tokens=t.new_tokens, prompt_len=t.prompt_len, **common)
-        ood = seq.evaluate(model, params, t.splits["ood"], max_new_tokens=t.new_tokens, prompt_len=t.prompt_len, **common)
-        k = int(e.pass_k)
-        out = {"test": test["greedy"], "ood": ood["greedy"]}
-        if k:
-            out |= {f"test_pass@{k}": test[f"pass@{k}"], f"ood_pass@{k}": ood[f"pass@{k}"]}
-        return out
+def _greedy_correct(model, params, problems, task, batch_size) -> np.ndarray:
+    """Per-problem exact-match correctness of greedy decoding."""
+    out = _generate(model, params, problems, task, batch_size)
+    return np.array([reasoning.verify(p, g[0]) for p, g in zip(problems, out)], bool)
 
-    def fit(self, name, model, stage, data, spec, *, teachers=(), seed_offset=0, ratio_to=None, **kwargs):
-        """Trains one row, evaluates it, records it; returns the params."""
+
+def _pass_at_k(model, params, problems, task, batch_size, *, k, temperature, key) -> np.ndarray:
+    """Per-problem: is any of k samples at ``temperature`` correct."""
+    out = _generate(model, params, problems, task, batch_size, key=key, temperature=temperature, num_samples=k)
+    return np.array([any(reasoning.verify(p, s) for s in ss) for p, ss in zip(problems, out)], bool)
+
+
+def _bits(correct: np.ndarray) -> str:
+    return "".join("1" if c else "0" for c in correct)
+
+
+def _unbits(bits: str) -> np.ndarray:
+    return np.frombuffer(bits.encode(), np.uint8) == ord("1")
+
+
+def _choose_on_val(model, checkpoints, task, batch_size) -> tuple[int, Any, list]:
+    """The checkpoint with the best validation greedy accuracy (the earliest of equals), and the curve."""
+    curve = [(step, float(_greedy_correct(model, params, task.splits["val"], task, batch_size).mean())) for step, params in checkpoints]
+    best = max(range(len(curve)), key=lambda i: (curve[i][1], -i))
+    return curve[best][0], checkpoints[best][1], curve
+
+
+# ------------------------------------------------------------------ shared stage: teacher, strengths, pools
+
+
+def _shared_fingerprint(config) -> str:
+    c = json.loads(config.to_json_best_effort())
+    return rundir.fingerprint({k: c[k] for k in ("task", "teacher", "eval", "samples")})
+
+
+def _seed_fingerprint(config) -> str:
+    return rundir.fingerprint(json.loads(config.to_json_best_effort()), ignore=("seeds", "workers", "title"))
+
+
+def _refuse_other_config(path: Path, found: str, wanted: str) -> None:
+    if found != wanted:
+        raise CheckpointMismatchError(
+            f"{path} was made by a run of this study with another config. Delete {path.parent} to start over, "
+            "or give this config another name (--config.name=...)."
+        )
+
+
+def _pick_strengths(curve: list[tuple[int, float]], weak_range: Sequence[float]) -> dict[str, int]:
+    """Checkpoint indices: weak = first in ``weak_range`` (else the closest to its middle), strong = best (earliest of equals)."""
+    low, high = map(float, weak_range)
+    inside = [i for i, (_, acc) in enumerate(curve) if low <= acc <= high]
+    middle = (low + high) / 2
+    weak = inside[0] if inside else min(range(len(curve)), key=lambda i: (abs(curve[i][1] - middle), i))
+    strong = max(range(len(curve)), key=lambda i: (curve[i][1], -i))
+    return {"weak": weak, "strong": strong}
+
+
+def _shared_stage(config, task: _Task, study_dir: Path, log) -> dict[str, Any]:
+    """Trains the teacher, picks its two strengths on validation, evaluates them, builds the pools; cached on disk."""
+    meta_file, params_file = study_dir / "teachers.json", study_dir / "teachers.msgpack"
+    fingerprint = _shared_fingerprint(config)
+    if meta_file.exists() and params_file.exists():
+        meta = json.loads(meta_file.read_text())
+        _refuse_other_config(meta_file, meta["fingerprint"], fingerprint)
+        log(f"teachers and pools: reusing {meta_file}")
+        return meta | {"params": serialization.msgpack_restore(params_file.read_bytes())}
+    c, e = config, config.eval
+    model = _model(c.teacher.model, task)
+    batch = int(e.batch_size)
+    t0 = time.perf_counter()
+    _, history = seq.train(
+        model, task.arrays(task.splits["train"]), spec=seq.LossSpec("sft"), optimizer=_optimizer(c.teacher),
+        batch_size=int(c.teacher.batch_size), seed=int(c.teacher.seed), checkpoint_every=int(c.teacher.eval_every),
+    )
+    train_s = time.perf_counter() - t0
+    checkpoints = history["checkpoints"]
+    curve = [(step, float(_greedy_correct(model, p, task.splits["val"], task, batch).mean())) for step, p in checkpoints]
+    log("teacher validation curve: " + ", ".join(f"{s}:{a:.3f}" for s, a in curve))
+    picks = _pick_strengths(curve, c.teacher.weak_range)
+    meta: dict[str, Any] = {"fingerprint": fingerprint, "val_curve": curve, "train_wall_s": round(train_s, 1), "teachers": {}, "pools": {}}
+    params = {}
+    k, s = int(e.pass_k), c.samples
+    for strength, index in picks.items():
+        step, p = checkpoints[index]
+        params[strength] = p
+        row = {"step": step, "val": curve[index][1], "weak_range": list(c.teacher.weak_range)}
+        for split in ("test", "ood"):
+            row[f"{split}_correct"] = _bits(_greedy_correct(model, p, task.splits[split], task, batch))
+            row[f"{split}_pass@{k}_correct"] = _bits(_pass_at_k(model, p, task.splits[split], task, batch, k=k,
+                                                                temperature=float(e.pass_temperature), key=17))
+        meta["teachers"][strength] = row
+        # Pools: greedy outputs (no verifier), K samples filtered by the answer, and by answer + trace.
         t0 = time.perf_counter()
-        params, history = seq.train(
-            model, data, spec=spec, optimizer=_optimizer(stage), batch_size=int(stage.batch_size),
-            seed=self.seed * 1000 + seed_offset, teachers=teachers, **kwargs,
+        train = task.splits["train"]
+        greedy = _generate(model, p, train, task, batch)
+        samples = _generate(model, p, train, task, batch, key=29, temperature=float(s.temperature), num_samples=int(s.num_samples))
+        text = lambda ids: reasoning.TOKENIZER.decode(ids, stop_at_eos=True, skip_pad=False)
+        pools = {"greedy": [(i, text(g[0])) for i, g in enumerate(greedy) if reasoning.EOS in g[0]], "answer": [], "trace": []}
+        accepted = {"answer": 0, "trace": 0}
+        for i, (problem, outs) in enumerate(zip(train, samples)):
+            for name, check in (("answer", reasoning.verify), ("trace", reasoning.verify_trace)):
+                ok = [o for o in outs if check(problem, o)]
+                accepted[name] += len(ok)
+                pools[name] += [(i, t) for t in sorted({text(o) for o in ok})]
+        sampled = len(train) * int(s.num_samples)
+        meta["pools"][strength] = {
+            "pairs": pools,
+            "stats": {
+                "sampled": sampled,
+                "greedy_correct": float(np.mean([reasoning.verify(train[i], t) for i, t in pools["greedy"]])) if pools["greedy"] else 0.0,
+                **{f"{n}_acceptance": accepted[n] / max(sampled, 1) for n in ("answer", "trace")},
+                **{f"{n}_pool": len(pools[n]) for n in POOLS},
+                **{f"{n}_problems_covered": len({i for i, _ in pools[n]}) / max(len(train), 1) for n in ("answer", "trace")},
+                "wall_s": round(time.perf_counter() - t0, 1),
+            },
+        }
+        log(f"teacher {strength} (step {step}): val {row['val']:.3f}, test {_unbits(row['test_correct']).mean():.3f}; "
+            f"pools {', '.join(f'{n} {len(pools[n])}' for n in POOLS)}")
+    rundir.write_json(meta_file, meta, indent=None)
+    params_file.write_bytes(serialization.msgpack_serialize(params))
+    return meta | {"params": params}
+
+
+# ------------------------------------------------------------------ one seed: every student row
+
+
+class _Runner:
+    def __init__(self, config, task: _Task, shared: Mapping[str, Any], seed: int, log):
+        self.c, self.task, self.shared, self.seed, self.log = config, task, shared, seed, log
+        self.student = _model(config.student.model, task)
+        self.teacher_model = _model(config.teacher.model, task)
+        self.rows: dict[str, dict] = {}
+        self.params: dict[str, Any] = {}
+
+    def fit(self, name, stage, data, spec, **kwargs):
+        """Trains one row (checkpoint chosen on validation), evaluates it on test and OOD, records it; returns its params."""
+        t0 = time.perf_counter()
+        _, history = seq.train(
+            self.student, data, spec=spec, optimizer=_optimizer(stage), batch_size=int(stage.batch_size),
+            seed=self.seed, checkpoint_every=int(stage.eval_every), **kwargs,
         )
         train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        metrics = self.evaluate(model, params)
-        row = metrics | {
-            "train_wall_s": round(train_s, 2),
-            "eval_wall_s": round(time.perf_counter() - t0, 2),
-            "final_loss": history["final_loss"],
-            "train_examples": int(len(data["inputs"])),
-        }
-        if ratio_to is not None:
-            row["ratio_to_teacher"] = metrics["test"] / ratio_to if ratio_to > 0 else float("nan")
-        self.rows[name] = row
-        self.log(f"seed {self.seed} {name}: test {metrics['test']:.3f} ood {metrics['ood']:.3f} ({train_s:.1f} s)")
+        batch = int(self.c.eval.batch_size)
+        step, params, curve = _choose_on_val(self.student, history["checkpoints"], self.task, batch)
+        row = {"step": step, "val": dict(curve)[step], "val_curve": curve, "train_wall_s": round(train_s, 1),
+               "train_examples": int(len(data["inputs"])), "final_loss": history["final_loss"]}
+        for split in ("test", "ood"):
+            row[f"{split}_correct"] = _bits(_greedy_correct(self.student, params, self.task.splits[split], self.task, batch))
+        self.rows[name], self.params[name] = row, params
+        self.log(f"seed {self.seed} {name}: val {row['val']:.3f} (step {step}), test {_unbits(row['test_correct']).mean():.3f} "
+                 f"({train_s:.0f} s)")
         return params
 
-    def run(self):
-        c, task, rows_wanted = self.c, self.task, set(self.c.rows)
-        sft = seq.LossSpec("sft")
-        train = task.splits["train"]
-        traces = task.arrays(train, "trace")
-        teacher = self.fit("teacher", self.teacher_model, c.teacher, traces, sft)
-        teacher_acc = self.rows["teacher"]["test"]
-        teachers = [(self.teacher_model, teacher)]
-        multi = rows_wanted & {"multi_seqkd", "multi_tokenkd"}
-        if multi:
-            teacher_b = self.fit("teacher_b", self.teacher_model, c.teacher, traces, sft, seed_offset=500)
-            teachers.append((self.teacher_model, teacher_b))
-        student, s_stage = self.student_model, c.student
-        if "answer_only" in rows_wanted:
-            self.fit("answer_only", student, s_stage, task.arrays(train, "answer"), sft, ratio_to=teacher_acc)
-        if "traces" in rows_wanted:
-            self.fit("traces", student, s_stage, traces, sft, ratio_to=teacher_acc)
-
-        kd = c.seqkd
-        sample_args = dict(
-            num_samples=int(kd.num_samples), max_new_tokens=task.new_tokens, temperature=float(kd.temperature),
-            batch_size=int(c.eval.batch_size), prompt_len=task.prompt_len,
-        )
-        pools = []
-        if rows_wanted & {"seqkd", "multi_seqkd"}:
-            for i, (_, params) in enumerate(teachers):
-                t0 = time.perf_counter()
-                kept, stats = seq.sample_verified(self.teacher_model, params, train, seed=self.seed * 1000 + 7 + i, **sample_args)
-                stats["wall_s"] = round(time.perf_counter() - t0, 2)
-                self.extra[f"rejection_sampling_teacher_{'ab'[i]}"] = stats
-                self.log(f"seed {self.seed} teacher {'ab'[i]} samples: acceptance {stats['acceptance_rate']:.3f}, kept {len(kept)}")
-                pools.append(kept)
-        if "seqkd" in rows_wanted:
-            kept = pools[0]
-            if kept:
-                self.fit("seqkd", student, s_stage, task.arrays_of(kept), sft, ratio_to=teacher_acc)
-                self.curve.append({"samples": len(kept), "test": self.rows["seqkd"]["test"], "ood": self.rows["seqkd"]["ood"]})
-                rng = np.random.default_rng(self.seed)
-                for fraction in sorted(kd.curve_fractions):
-                    n = int(round(fraction * len(kept)))
-                    if n < 1 or n >= len(kept):
-                        continue
-                    subset = [kept[i] for i in rng.choice(len(kept), n, replace=False)]
-                    # Named by fraction, not count, so the row lines up across seeds.
-                    name = f"seqkd_{int(round(100 * fraction))}pct"
-                    self.fit(name, student, s_stage, task.arrays_of(subset), sft, ratio_to=teacher_acc)
-                    self.curve.append({"samples": n, "test": self.rows[name]["test"], "ood": self.rows[name]["ood"]})
-            else:
-                self.log(f"seed {self.seed} seqkd: no verified teacher sample; row skipped")
-
-        tk = c.token_kd
-        forward = seq.LossSpec("forward_kl", temperature=float(tk.temperature))
-        if "tokenkd" in rows_wanted:
-            self.fit("tokenkd", student, s_stage, traces, forward, teachers=teachers[:1], ratio_to=teacher_acc)
-        for k in tk.top_k:
-            name = f"tokenkd_top{k}"
-            if "tokenkd_topk" not in rows_wanted:
-                break
-            cache = seq.teacher_top_k_cache(self.teacher_model, teacher, traces, int(k), temperature=float(tk.temperature))
-            spec = seq.LossSpec("top_k", temperature=float(tk.temperature), tail=str(tk.tail))
-            self.fit(name, student, s_stage, dict(traces) | cache, spec, ratio_to=teacher_acc)
-            self.rows[name]["cache_bytes_per_token"] = seq.cache_bytes_per_token(cache)
-            self.rows[name]["full_logits_bytes_per_token"] = 4 * self.teacher_model.vocab_size
-
+    def run(self) -> dict[str, Any]:
+        c, task = self.c, self.task
+        train, sft = task.splits["train"], seq.LossSpec("sft")
+        wanted = set(c.rows)
+        if "gt_answers" in wanted:
+            self.fit("gt_answers", c.student, task.arrays(train, "answer"), sft)
+        if "gt_traces" in wanted:
+            self.fit("gt_traces", c.student, task.arrays(train, "trace"), sft)
         g = c.gkd
-        jsd = seq.LossSpec("gkd", beta=float(g.beta), temperature=float(g.temperature))
-        if "gkd_offpolicy" in rows_wanted:
-            self.fit("gkd_offpolicy", student, s_stage, traces, jsd, teachers=teachers[:1], ratio_to=teacher_acc)
-        if "gkd_onpolicy" in rows_wanted:
-            self.fit(
-                "gkd_onpolicy", student, s_stage, traces, jsd, teachers=teachers[:1], ratio_to=teacher_acc,
-                on_policy_fraction=float(g.on_policy_fraction), prompts=task.train_prompts, max_new_tokens=task.new_tokens,
-            )
-        if multi:
-            best = max(self.rows["teacher"]["test"], self.rows["teacher_b"]["test"])
-            if "multi_seqkd" in rows_wanted and len(pools) == 2 and pools[0] + pools[1]:
-                self.fit("multi_seqkd", student, s_stage, task.arrays_of(pools[0] + pools[1]), sft, ratio_to=best)
-            if "multi_tokenkd" in rows_wanted:
-                self.fit("multi_tokenkd", student, s_stage, traces, forward, teachers=teachers, ratio_to=best)
-        return {"rows": self.rows, "curve": self.curve, "extra": self.extra}
+        for strength in STRENGTHS:
+            teacher = [(self.teacher_model, self.shared["params"][strength])]
+            pairs = self.shared["pools"][strength]["pairs"]
+            for pool in POOLS:
+                if pool in wanted and pairs[pool]:
+                    self.fit(f"{strength}_{pool}", c.student, task.arrays_of(pairs[pool]), sft)
+            if not pairs["answer"]:
+                self.log(f"seed {self.seed} {strength}: no answer-verified sample; its KD rows are skipped")
+                continue
+            answer_data = task.arrays_of(pairs["answer"])
+            if "tokenkd" in wanted:
+                self.fit(f"{strength}_tokenkd", c.student, answer_data,
+                         seq.LossSpec("forward_kl", temperature=float(c.token_kd.temperature)), teachers=teacher)
+            if wanted & {"gkd", "sft_more"}:
+                # Both start from the SFT'd student of this strength, at its checkpoint chosen on validation.
+                base = self.params.get(f"{strength}_answer")
+                if base is None:
+                    base = self.fit(f"{strength}_answer", c.student, answer_data, sft)
+                if "gkd" in wanted:
+                    self.fit(f"{strength}_gkd", c.finetune, answer_data,
+                             seq.LossSpec("gkd", beta=float(g.beta), temperature=float(g.temperature)), teachers=teacher,
+                             params=base, on_policy_fraction=float(g.on_policy_fraction), prompts=task.train_prompts,
+                             max_new_tokens=task.new_tokens, on_policy_temperature=float(g.sample_temperature))
+                if "sft_more" in wanted:
+                    self.fit(f"{strength}_sft_more", c.finetune, answer_data, sft, params=base)
+            if "curve" in wanted:
+                rng = np.random.default_rng(self.seed)
+                for pool in ("answer", "trace"):
+                    for fraction in sorted(c.samples.curve_fractions):
+                        n = int(round(fraction * len(pairs[pool])))
+                        if 1 <= n < len(pairs[pool]):
+                            subset = [pairs[pool][i] for i in sorted(rng.choice(len(pairs[pool]), n, replace=False))]
+                            self.fit(f"{strength}_{pool}_{int(round(100 * fraction))}pct", c.student, task.arrays_of(subset), sft)
+        return {"rows": self.rows}
 
 
-def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Row -> metric -> mean/std/n over the seeds that have that row."""
-    names = []
-    for result in per_seed:
-        names += [n for n in result["rows"] if n not in names]
-    out = {}
-    for name in names:
-        rows = [r["rows"][name] for r in per_seed if name in r["rows"]]
-        # None is a NaN that went through JSON (a reused seed): still a metric.
-        metrics = [m for m in rows[0] if rows[0][m] is None or isinstance(rows[0][m], (int, float))]
-        out[name] = {m: mean_std([r.get(m) for r in rows]) for m in metrics}
-    return out
-
-
-def _fmt(stat: Mapping[str, float] | None, scale: float = 100.0, digits: int = 1) -> str:
-    if stat is None or stat["n"] == 0:
-        return ""
-    if stat["n"] == 1:  # one seed: no spread to show
-        return f"{stat['mean'] * scale:.{digits}f}"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
-
-def markdown_table(summary: Mapping[str, Any]) -> str:
-    k = summary["pass_k"]
-    header = ["row", "test greedy %", "OOD greedy %"]
-    if k:
-        header += [f"test pass@{k} %", f"OOD pass@{k} %"]
-    header += ["student/teacher (test)", "train s", "train examples"]
-    lines = [f"## {summary['title']}", "", "| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
-    for name, stats in summary["rows"].items():
-        label = ROW_LABELS.get(name) or (
-            f"student, seq-KD on {name[len('seqkd_'):-len('pct')]}% of the kept samples" if name.startswith("seqkd_") and name.endswith("pct")
-            else f"student, token KD from top-{name.split('top')[1]} cache" if name.startswith("tokenkd_top") else name
-        )
-        if "cache_bytes_per_token" in stats:
-            label += f" ({stats['cache_bytes_per_token']['mean']:.0f} B/token)"
-        cells = [label, _fmt(stats.get("test")), _fmt(stats.get("ood"))]
-        if k:
-            cells += [_fmt(stats.get(f"test_pass@{k}")), _fmt(stats.get(f"ood_pass@{k}"))]
-        cells += [_fmt(stats.get("ratio_to_teacher"), 1.0, 2), _fmt(stats.get("train_wall_s"), 1.0, 1),
-                  f"{stats['train_examples']['mean']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    rs = summary.get("rejection_sampling", {})
-    if rs:
-        lines += ["", "Rejection sampling (teacher samples per training problem, verified answers kept): " + "; ".join(
-            f"teacher {t}: acceptance {_fmt(v['acceptance_rate'])} %, problems with a kept sample {_fmt(v['problems_covered'])} %"
-            for t, v in rs.items()
-        ) + "."]
-    per_seed_s = ", ".join(f"{t:.0f}" for t in summary.get("seed_wall_time_s", []) if t is not None)
-    lines += ["", f"Seeds: {summary['seeds']} (wall time per seed: {per_seed_s} s; {summary.get('workers', 1)} at a time). "
-              f"Total wall time of this run: {summary['total_wall_time_s']} s"
-              + (f" (seeds {summary['reused_seeds']} reused from earlier runs)." if summary.get("reused_seeds") else "."), ""]
-    return "\n".join(lines)
-
-
-def plot_samples_curve(per_seed: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """Accuracy (test and OOD, greedy) against the number of sequence-KD samples, one line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for result in per_seed:
-        curve = sorted(result["curve"], key=lambda p: p["samples"])
-        if not curve:
-            continue
-        x = [p["samples"] for p in curve]
-        ax.plot(x, [100 * p["test"] for p in curve], "o-", color="C0", alpha=0.7)
-        ax.plot(x, [100 * p["ood"] for p in curve], "s--", color="C1", alpha=0.7)
-    ax.plot([], [], "o-", color="C0", label="test (greedy)")
-    ax.plot([], [], "s--", color="C1", label="OOD (greedy)")
-    ax.set_xlabel("verified teacher samples used for fine-tuning")
-    ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _json_safe(value):
-    """NaN/inf -> None, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def _seed_config_fingerprint(config: ml_collections.ConfigDict) -> str:
-    """What a seed's result depends on: the whole config except the seed list and the worker count."""
-    return rundir.fingerprint(json.loads(config.to_json_best_effort()), ignore=("seeds", "workers"))
-
-
-def _run_seed(config_dict: dict, seed: int, progress: bool, seed_file: str | None) -> dict[str, Any]:
-    """One seed's rows (in this process or a worker), saved to ``seed_file`` when given."""
+def _run_seed(config_dict: dict, seed: int, progress: bool, study_dir: str) -> dict[str, Any]:
+    """One seed's rows (in this process or a worker), saved to ``<study_dir>/seed<N>.json``."""
     config = ml_collections.ConfigDict(config_dict)
     log = (lambda msg: print(f"[{config.name}] {msg}", flush=True)) if progress else (lambda msg: None)
+    task = _Task(config)
+    shared = _shared_stage(config, task, Path(study_dir), lambda msg: None)
     started = time.perf_counter()
-    result = _Runner(config, _Task(config), int(seed), log).run()
+    result = _Runner(config, task, shared, int(seed), log).run()
     result["wall_time_s"] = round(time.perf_counter() - started, 1)
-    result = _json_safe(result)  # what a reused seed looks like, so both aggregate alike
-    if seed_file:
-        record = {"fingerprint": _seed_config_fingerprint(config), "seed": int(seed), "result": result}
-        rundir.write_json(seed_file, record, indent=None)
+    rundir.write_json(Path(study_dir) / f"seed{seed}.json",
+                      {"fingerprint": _seed_fingerprint(config), "seed": int(seed), "result": result}, indent=None)
     return result
 
 
-def _load_seed(seed_file: Path, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+def _load_seed(seed_file: Path, config) -> dict[str, Any] | None:
     if not seed_file.exists():
         return None
     record = json.loads(seed_file.read_text())
-    if record["fingerprint"] != _seed_config_fingerprint(config):
-        raise CheckpointMismatchError(
-            f"{seed_file} holds a seed of {config.name!r} run with another config. Delete {seed_file.parent} "
-            f"to start over, or give this config another name (--config.name=...)."
-        )
+    _refuse_other_config(seed_file, record["fingerprint"], _seed_fingerprint(config))
     return record["result"]
 
 
@@ -364,7 +343,7 @@ def _pin_worker(slots, cores: list[int]) -> None:
         os.sched_setaffinity(0, {cores[index % len(cores)]})
 
 
-def _run_seeds_in_workers(config, todo, progress, seed_files, workers: int) -> dict[int, dict]:
+def _run_seeds_in_workers(config, todo, progress, study_dir, workers: int) -> dict[int, dict]:
     import concurrent.futures
     import multiprocessing
 
@@ -379,72 +358,186 @@ def _run_seeds_in_workers(config, todo, progress, seed_files, workers: int) -> d
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_pin_worker, initargs=(slots, cores)
     ) as pool:
-        futures = {
-            seed: pool.submit(_run_seed, config.to_dict(), seed, progress, seed_files[seed])
-            for seed in todo
-        }
+        futures = {seed: pool.submit(_run_seed, config.to_dict(), seed, progress, str(study_dir)) for seed in todo}
         return {seed: future.result() for seed, future in futures.items()}
+
+
+# ------------------------------------------------------------------ summary: intervals, differences, table, plots
+
+
+def _matrix(per_seed: Sequence[Mapping], name: str, key: str) -> np.ndarray | None:
+    """``[seeds, problems]`` 0/1 scores of one row (None unless every seed has it: pairing needs all)."""
+    if not all(name in r["rows"] for r in per_seed):
+        return None
+    return np.stack([_unbits(r["rows"][name][key]) for r in per_seed]).astype(np.float64)
+
+
+def summarize(shared: Mapping[str, Any], per_seed: Sequence[Mapping], task: _Task, config) -> dict[str, Any]:
+    """Row intervals, by-length accuracy, and the paired differences the conclusions rest on."""
+    k = int(config.eval.pass_k)
+    teachers = {}
+    for strength, t in shared["teachers"].items():
+        teachers[strength] = {"step": t["step"], "val": t["val"]} | {
+            f"{split}{suffix}": bootstrap_ci(_unbits(t[f"{split}{suffix}_correct"]))
+            for split in ("test", "ood") for suffix in ("", f"_pass@{k}")}
+    lengths = np.array([max(reasoning.operand_lengths(p)) for p in task.splits["test"]])
+    names = [n for n in per_seed[0]["rows"] if all(n in r["rows"] for r in per_seed)]
+    rows = {}
+    for name in names:
+        test, ood = _matrix(per_seed, name, "test_correct"), _matrix(per_seed, name, "ood_correct")
+        rows[name] = {
+            "test": bootstrap_ci(test), "ood": bootstrap_ci(ood),
+            "val": float(np.mean([r["rows"][name]["val"] for r in per_seed])),
+            "step": [r["rows"][name]["step"] for r in per_seed],
+            "train_examples": int(per_seed[0]["rows"][name]["train_examples"]),
+            "train_wall_s": float(np.mean([r["rows"][name]["train_wall_s"] for r in per_seed])),
+            "by_length": {int(d): float(test[:, lengths == d].mean()) for d in np.unique(lengths)},
+        }
+        strength = name.split("_")[0]
+        if strength in shared["teachers"]:
+            t = shared["teachers"][strength]
+            rows[name]["minus_teacher"] = bootstrap_ci(test - _unbits(t["test_correct"]))
+            rows[name][f"minus_teacher_pass@{k}"] = bootstrap_ci(test - _unbits(t[f"test_pass@{k}_correct"]))
+    comparisons = {}
+
+    def diff(label, a, b):
+        if a in rows and b in rows:
+            comparisons[label] = {"rows": [a, b], **bootstrap_ci(_matrix(per_seed, a, "test_correct") - _matrix(per_seed, b, "test_correct"))}
+
+    best = {}
+    for s in STRENGTHS:
+        candidates = [n for n in rows if n.startswith(f"{s}_") and not n.endswith("pct")]
+        if candidates:  # chosen on validation accuracy, never on test
+            best[s] = max(candidates, key=lambda n: rows[n]["val"])
+        diff(f"{s}: on-policy GKD minus compute-matched SFT", f"{s}_gkd", f"{s}_sft_more")
+        diff(f"{s}: trace verifier minus answer verifier", f"{s}_trace", f"{s}_answer")
+        diff(f"{s}: answer verifier minus no verifier (greedy outputs)", f"{s}_answer", f"{s}_greedy")
+        diff(f"{s}: token KD minus SFT on the same pool", f"{s}_tokenkd", f"{s}_answer")
+    diff("ground-truth traces minus answers only", "gt_traces", "gt_answers")
+    return {"teachers": teachers, "rows": rows, "best_student": best, "comparisons": comparisons,
+            "pools": {s: p["stats"] for s, p in shared["pools"].items()}, "pass_k": k}
+
+
+def _ci(stat: Mapping[str, float] | None, signed: bool = False) -> str:
+    if stat is None:
+        return ""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * stat['mean'])} [{f.format(100 * stat['low'])}, {f.format(100 * stat['high'])}]"
+
+
+def markdown_report(summary: Mapping[str, Any], title: str, seeds: Sequence[int], wall_s: float) -> str:
+    k = summary["pass_k"]
+    out = [f"## {title}", "", "Accuracy in %, mean over seeds and test problems, with two-level bootstrap 95 % intervals "
+           f"(seeds {list(seeds)} paired across rows; checkpoints chosen on validation).", "",
+           f"| teacher | step | val greedy | test greedy | test pass@{k} | OOD greedy | OOD pass@{k} |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for s, t in summary["teachers"].items():
+        out.append(f"| {s} | {t['step']} | {100 * t['val']:.1f} | {_ci(t['test'])} | {_ci(t[f'test_pass@{k}'])} | "
+                   f"{_ci(t['ood'])} | {_ci(t[f'ood_pass@{k}'])} |")
+    out += ["", "| pool | greedy outputs | of them correct | answer-verified | answer acceptance | trace-verified | trace acceptance |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for s, p in summary["pools"].items():
+        out.append(f"| {s} teacher | {p['greedy_pool']} | {100 * p['greedy_correct']:.1f} % | {p['answer_pool']} | "
+                   f"{100 * p['answer_acceptance']:.1f} % | {p['trace_pool']} | {100 * p['trace_acceptance']:.1f} % |")
+    lengths = sorted({d for r in summary["rows"].values() for d in r["by_length"]})
+    out += ["", "| student row | train examples | val | test greedy | student − teacher (greedy) | student − teacher pass@k | OOD greedy | "
+            + " | ".join(f"test, {d}-digit" for d in lengths) + " |", "|---|" + "---:|" * (6 + len(lengths))]
+    for name, r in summary["rows"].items():
+        out.append(f"| {name} | {r['train_examples']} | {100 * r['val']:.1f} | {_ci(r['test'])} | {_ci(r.get('minus_teacher'), True)} | "
+                   f"{_ci(r.get(f'minus_teacher_pass@{k}'), True)} | {_ci(r['ood'])} | "
+                   + " | ".join(f"{100 * r['by_length'].get(d, float('nan')):.1f}" for d in lengths) + " |")
+    out += ["", "Paired differences (test greedy, percentage points):", ""]
+    for label, d in summary["comparisons"].items():
+        out.append(f"- {label}: {_ci(d, True)}")
+    for s, name in summary["best_student"].items():
+        r = summary["rows"][name]
+        out.append(f"- best {s}-teacher student on validation ({name}) minus the {s} teacher: {_ci(r['minus_teacher'], True)} "
+                   f"(against its pass@{k}: {_ci(r[f'minus_teacher_pass@{k}'], True)})")
+    out += ["", f"Total wall time: {wall_s:.0f} s.", ""]
+    return "\n".join(out)
+
+
+def _plots(summary: Mapping[str, Any], results_dir: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for color, s in zip(("C0", "C1"), STRENGTHS):
+        for style, pool in (("o-", "answer"), ("s--", "trace")):
+            points = sorted((r["train_examples"], r["test"]) for n, r in rows.items()
+                            if n == f"{s}_{pool}" or (n.startswith(f"{s}_{pool}_") and n.endswith("pct")))
+            if points:
+                x = [p[0] for p in points]
+                ax.errorbar(x, [100 * p[1]["mean"] for p in points],
+                            yerr=[[100 * (p[1]["mean"] - p[1]["low"]) for p in points], [100 * (p[1]["high"] - p[1]["mean"]) for p in points]],
+                            fmt=style, color=color, capsize=3, label=f"{s} teacher, {pool}-verified")
+    ax.set_xlabel("verified teacher samples used for fine-tuning")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results_dir / f"{name}_samples.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    names = [n for n in rows if "minus_teacher" in rows[n] and not n.endswith("pct")]
+    if names:
+        y = np.arange(len(names))
+        d = [rows[n]["minus_teacher"] for n in names]
+        ax.errorbar([100 * x["mean"] for x in d], y, xerr=[[100 * (x["mean"] - x["low"]) for x in d], [100 * (x["high"] - x["mean"]) for x in d]],
+                    fmt="o", capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(y, names, fontsize=7)
+        ax.set_xlabel("student − its teacher, test greedy accuracy (points, 95 % CI)")
+        fig.tight_layout()
+        fig.savefig(results_dir / f"{name}_student_minus_teacher.png", dpi=120)
+    plt.close(fig)
 
 
 def run_reasoning_study(
     config: ml_collections.ConfigDict, *, results_dir: Path, runs_root: Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Runs every row for every seed, prints the table, writes ``results/<name>.{json,md}`` and the plot.
+    """Runs the study (teacher stage, then every seed), prints the report, writes ``results/<name>.{json,md}`` and plots.
 
-    With ``runs_root``, each finished seed is saved to
-    ``<runs_root>/<name>/seed<N>.json`` and reused by a later run of the same
-    config (a changed config is refused with :class:`CheckpointMismatchError`),
-    so an interrupted study loses at most the seeds in progress.
-    ``config.workers`` > 1 runs that many seeds at once, one process per
-    seed, each pinned to its own core.
+    Each stage is saved under ``<runs_root>/<name>/`` and reused by a later
+    run of the same config (another config is refused with
+    :class:`CheckpointMismatchError`). ``config.workers`` > 1 runs that many
+    seeds at once, one single-core process each.
     """
     log = (lambda msg: print(f"[{config.name}] {msg}", flush=True)) if progress else (lambda msg: None)
     started = time.perf_counter()
+    root = Path(runs_root) if runs_root is not None else Path(tempfile.mkdtemp())
+    study_dir = root / config.name
+    study_dir.mkdir(parents=True, exist_ok=True)
+    task = _Task(config)
+    shared = _shared_stage(config, task, study_dir, log)
     seeds = [int(s) for s in config.seeds]
-    seed_files: dict[int, str | None] = {seed: None for seed in seeds}
-    done: dict[int, dict] = {}
-    if runs_root is not None:
-        study_dir = Path(runs_root) / config.name
-        study_dir.mkdir(parents=True, exist_ok=True)
-        for seed in seeds:
-            seed_files[seed] = str(study_dir / f"seed{seed}.json")
-            previous = _load_seed(Path(seed_files[seed]), config)
-            if previous is not None:
-                done[seed] = previous
-                log(f"seed {seed}: reusing {seed_files[seed]}")
-    todo = [seed for seed in seeds if seed not in done]
+    if len(seeds) != len(set(seeds)):
+        raise ValueError(f"seeds must be distinct, got {seeds}.")
+    done = {}
+    for seed in seeds:
+        previous = _load_seed(study_dir / f"seed{seed}.json", config)
+        if previous is not None:
+            done[seed] = previous
+            log(f"seed {seed}: reusing {study_dir / f'seed{seed}.json'}")
+    todo = [s for s in seeds if s not in done]
     workers = max(1, min(int(config.get("workers", 1)), len(todo)))
     if workers > 1:
-        done |= _run_seeds_in_workers(config, todo, progress, seed_files, workers)
+        done |= _run_seeds_in_workers(config, todo, progress, study_dir, workers)
     else:
         for seed in todo:
-            done[seed] = _run_seed(config.to_dict(), seed, progress, seed_files[seed])
-    per_seed = [done[seed] for seed in seeds]
-    rejection = {}
-    for t in "ab":
-        stats = [r["extra"][f"rejection_sampling_teacher_{t}"] for r in per_seed if f"rejection_sampling_teacher_{t}" in r["extra"]]
-        if stats:
-            rejection[t] = {m: mean_std([s[m] for s in stats]) for m in ("acceptance_rate", "problems_covered", "kept_unique")}
-    summary = {
-        "study": config.name,
-        "title": config.get("title", config.name),
-        "seeds": list(config.seeds),
-        "pass_k": int(config.eval.pass_k),
-        "rows": aggregate(per_seed),
-        "rejection_sampling": rejection,
-        "per_seed": per_seed,
-        "total_wall_time_s": round(time.perf_counter() - started, 1),
-        "seed_wall_time_s": [r.get("wall_time_s") for r in per_seed],
-        "reused_seeds": sorted(set(seeds) - set(todo)),
-        "workers": int(config.get("workers", 1)),
-        "config": json.loads(config.to_json_best_effort()),
-    }
-    table = markdown_table(summary)
-    print(table, flush=True)
+            done[seed] = _run_seed(config.to_dict(), seed, progress, str(study_dir))
+    per_seed = [done[s] for s in seeds]
+    summary = summarize(shared, per_seed, task, config)
+    wall = time.perf_counter() - started
+    report = markdown_report(summary, config.get("title", config.name), seeds, wall)
+    print(report, flush=True)
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{config.name}.md").write_text(table)
-    (results_dir / f"{config.name}.json").write_text(json.dumps(_json_safe(summary), indent=2))
-    if any(r["curve"] for r in per_seed):
-        plot_samples_curve(per_seed, results_dir / f"{config.name}_samples.png", summary["title"])
-    return summary
+    (results_dir / f"{config.name}.md").write_text(report)
+    record = {"study": config.name, "seeds": seeds, "summary": summary, "teacher_val_curve": shared["val_curve"],
+              "seed_wall_time_s": [r["wall_time_s"] for r in per_seed], "reused_seeds": sorted(set(seeds) - set(todo)),
+              "total_wall_time_s": round(wall, 1), "config": json.loads(config.to_json_best_effort())}
+    (results_dir / f"{config.name}.json").write_text(json.dumps(record, indent=2))
+    _plots(summary, results_dir, config.name)
+    return record

@@ -18,8 +18,11 @@ digit and the answer into copying digits back in reverse.
   tokens (ids 0-4).
 * :func:`verify`: exact check of the final answer (what the R1 recipe's
   rejection sampling keeps); the trace itself is not checked.
+  :func:`verify_trace`: the answer and every step of the trace.
 * :func:`make_splits`: ``train``, a disjoint held-out ``test`` with the same
   operand lengths, and ``ood`` with longer operands; deterministic from a seed.
+  :func:`make_study_splits`: train / val / test, and an ``ood`` split of
+  operand-length combinations that no other split holds.
 * :func:`encode_examples`: right-padded ``inputs``/``targets`` arrays and a
   ``loss_mask`` that is 1 exactly on the completion's tokens (answer, trace,
   ``<eos>``): prompt and padding carry no loss.
@@ -47,7 +50,8 @@ OPS = {"add": "+", "mul": "*"}
 
 __all__ = [
     "PAD", "BOS", "EOS", "THINK", "END_THINK", "Tokenizer", "Problem", "TOKENIZER",
-    "trace", "completion", "verify", "parse_answer", "make_problems", "make_splits",
+    "trace", "completion", "verify", "verify_trace", "parse_answer", "make_problems", "make_splits",
+    "make_study_splits", "operand_lengths",
     "encode_examples", "prompt_arrays", "completion_batch", "max_completion_len", "token_splits",
 ]
 
@@ -180,6 +184,25 @@ def verify(problem: Problem, generated: str | Sequence[int]) -> bool:
     return parse_answer(text) == problem.answer
 
 
+def verify_trace(problem: Problem, generated: str | Sequence[int]) -> bool:
+    """Whether the answer **and every step of the trace** are right (a process verifier).
+
+    Each ``x+y+c=cs;`` step must name the right digits and carry and add
+    them correctly, in order, and the answer must follow. The trace of a
+    problem is unique here, so this is an exact match with the ground-truth
+    completion up to the first ``<eos>``.
+    """
+    text = generated if isinstance(generated, str) else TOKENIZER.decode(generated, stop_at_eos=True, skip_pad=False)
+    if "<eos>" in text:
+        text = text.split("<eos>", 1)[0] + "<eos>"
+    return text == completion(problem, "trace")
+
+
+def operand_lengths(problem: Problem) -> tuple[int, int]:
+    """Digit counts of the two operands."""
+    return len(str(problem.a)), len(str(problem.b))
+
+
 def _random_operand(rng: np.random.Generator, digits: int) -> int:
     low = 0 if digits == 1 else 10 ** (digits - 1)
     return int(rng.integers(low, 10**digits))
@@ -193,8 +216,15 @@ def make_problems(
     min_digits: int = 1,
     max_digits: int = 3,
     exclude: set[Problem] | None = None,
+    lengths: Sequence[tuple[int, int]] | None = None,
 ) -> list[Problem]:
-    """``n`` distinct problems; each operand's digit count uniform in [min_digits, max_digits]."""
+    """``n`` distinct problems; each operand's digit count uniform in [min_digits, max_digits].
+
+    ``lengths`` (``add`` only): the allowed ``(digits of a, digits of b)``
+    pairs instead, one drawn uniformly per problem.
+    """
+    if lengths is not None and (op != "add" or not lengths):
+        raise ValueError("lengths: a non-empty list of (digits a, digits b) pairs, for op='add' only.")
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}.")
     exclude = set() if exclude is None else exclude
@@ -205,6 +235,13 @@ def make_problems(
         attempts += 1
         if attempts > 100 * n + 1000:
             raise ValueError(f"could not draw {n} distinct problems with {min_digits}-{max_digits} digits; ask for fewer.")
+        if lengths is not None:
+            digits_a, digits_b = lengths[int(rng.integers(len(lengths)))]
+            problem = Problem(_random_operand(rng, int(digits_a)), _random_operand(rng, int(digits_b)), op)
+            if problem not in seen and problem not in exclude:
+                seen.add(problem)
+                out.append(problem)
+            continue
         a = _random_operand(rng, int(rng.integers(min_digits, max_digits + 1)))
         if op == "add":
             b = _random_operand(rng, int(rng.integers(min_digits, max_digits + 1)))
@@ -235,6 +272,38 @@ def make_splits(
     train = make_problems(rng, num_train, op=op, max_digits=max_digits, exclude=set(test))
     ood = make_problems(rng, num_ood, op=op, min_digits=ood_digits, max_digits=ood_digits)
     return {"train": train, "test": test, "ood": ood}
+
+
+def make_study_splits(
+    seed: int,
+    *,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    num_ood: int,
+    max_digits: int = 3,
+    held_out: Sequence[tuple[int, int]] = ((1, 3), (3, 1)),
+) -> dict[str, list[Problem]]:
+    """Disjoint addition splits for the study: ``train``, ``val``, ``test`` and ``ood``.
+
+    ``train``/``val``/``test`` use every operand-length pair up to
+    ``max_digits`` except ``held_out``; ``ood`` uses only the held-out pairs
+    (lengths the models were trained on, combined in a way they never saw).
+    """
+    pairs = [(i, j) for i in range(1, max_digits + 1) for j in range(1, max_digits + 1)]
+    held_out = [tuple(map(int, p)) for p in held_out]
+    unknown = [p for p in held_out if p not in pairs]
+    if unknown:
+        raise ValueError(f"held_out pairs {unknown} are not operand lengths of 1..{max_digits} digits.")
+    seen = [p for p in pairs if p not in held_out]
+    if not seen:
+        raise ValueError("held_out leaves no operand-length pair to train on.")
+    rng = np.random.default_rng(seed)
+    test = make_problems(rng, num_test, lengths=seen)
+    val = make_problems(rng, num_val, lengths=seen, exclude=set(test))
+    train = make_problems(rng, num_train, lengths=seen, exclude=set(test) | set(val))
+    ood = make_problems(rng, num_ood, lengths=held_out) if held_out and num_ood else []
+    return {"train": train, "val": val, "test": test, "ood": ood}
 
 
 def max_completion_len(max_digits: int, *, op: Op = "add", fmt: Format = "trace") -> int:
