@@ -51,7 +51,7 @@ reproduce: $(STAMP_BASE)
 reproduce-full: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce-full --config experiments/hinton_full.py $(ARGS)
 
-# The reasoning-distillation study (R1 recipe, token-level, on-policy, multi-teacher); REASONING_PROFILE=quick|smoke for less.
+# The reasoning-distillation study (can a student beat its teacher; verifiers; on-policy vs compute-matched SFT); REASONING_PROFILE=quick|smoke for less.
 REASONING_PROFILE ?= full
 reproduce-reasoning: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce-reasoning --config experiments/reasoning_r1.py:$(REASONING_PROFILE) $(ARGS)

@@ -44,7 +44,8 @@ def test_the_trace_verifier_checks_every_step_the_answer_verifier_only_the_answe
 
 
 def test_study_splits_are_disjoint_and_ood_holds_only_the_held_out_length_pairs():
-    s = R.make_study_splits(5, num_train=600, num_val=100, num_test=200, num_ood=80, max_digits=3, held_out=((1, 3), (3, 1)))
+    s = R.make_study_splits(5, num_train=600, num_val=100, num_test=200, num_ood=80, max_digits=3, held_out=((1, 3), (3, 1)),
+                            held_out_units=())
     assert [len(s[k]) for k in ("train", "val", "test", "ood")] == [600, 100, 200, 80]
     sets = {k: set(v) for k, v in s.items()}
     for a in sets:
@@ -54,7 +55,14 @@ def test_study_splits_are_disjoint_and_ood_holds_only_the_held_out_length_pairs(
     assert {R.operand_lengths(p) for p in s["ood"]} == {(1, 3), (3, 1)}
     seen = {R.operand_lengths(p) for k in ("train", "val", "test") for p in s[k]}
     assert not seen & {(1, 3), (3, 1)} and (3, 3) in seen and (2, 1) in seen
-    assert R.make_study_splits(5, num_train=600, num_val=100, num_test=200, num_ood=80) == s  # deterministic
+    assert R.make_study_splits(5, num_train=600, num_val=100, num_test=200, num_ood=80, held_out=((1, 3), (3, 1)),
+                               held_out_units=()) == s  # deterministic
+    # Held-out units digits: the OOD split has exactly those, no other split has any.
+    units = {(3, 8), (8, 3), (6, 6)}
+    s = R.make_study_splits(6, num_train=600, num_val=100, num_test=200, num_ood=90, held_out_units=sorted(units))
+    assert {(p.a % 10, p.b % 10) for p in s["ood"]} == units
+    assert not any((p.a % 10, p.b % 10) in units for k in ("train", "val", "test") for p in s[k])
+    assert len({R.operand_lengths(p) for p in s["ood"]}) > 3  # every length pair takes part
     with pytest.raises(ValueError, match="not operand lengths"):
         R.make_study_splits(0, num_train=1, num_val=1, num_test=1, num_ood=1, max_digits=2, held_out=((1, 3),))
 

@@ -22,7 +22,7 @@ digit and the answer into copying digits back in reverse.
 * :func:`make_splits`: ``train``, a disjoint held-out ``test`` with the same
   operand lengths, and ``ood`` with longer operands; deterministic from a seed.
   :func:`make_study_splits`: train / val / test, and an ``ood`` split of
-  operand-length combinations that no other split holds.
+  operand combinations that no other split holds.
 * :func:`encode_examples`: right-padded ``inputs``/``targets`` arrays and a
   ``loss_mask`` that is 1 exactly on the completion's tokens (answer, trace,
   ``<eos>``): prompt and padding carry no loss.
@@ -217,11 +217,13 @@ def make_problems(
     max_digits: int = 3,
     exclude: set[Problem] | None = None,
     lengths: Sequence[tuple[int, int]] | None = None,
+    accept=None,
 ) -> list[Problem]:
     """``n`` distinct problems; each operand's digit count uniform in [min_digits, max_digits].
 
     ``lengths`` (``add`` only): the allowed ``(digits of a, digits of b)``
-    pairs instead, one drawn uniformly per problem.
+    pairs instead, one drawn uniformly per problem. ``accept``: a predicate
+    a problem must pass to be drawn.
     """
     if lengths is not None and (op != "add" or not lengths):
         raise ValueError("lengths: a non-empty list of (digits a, digits b) pairs, for op='add' only.")
@@ -238,7 +240,7 @@ def make_problems(
         if lengths is not None:
             digits_a, digits_b = lengths[int(rng.integers(len(lengths)))]
             problem = Problem(_random_operand(rng, int(digits_a)), _random_operand(rng, int(digits_b)), op)
-            if problem not in seen and problem not in exclude:
+            if problem not in seen and problem not in exclude and (accept is None or accept(problem)):
                 seen.add(problem)
                 out.append(problem)
             continue
@@ -248,7 +250,7 @@ def make_problems(
         else:
             b = int(rng.integers(2, 10))
         problem = Problem(a, b, op)
-        if problem in seen or problem in exclude:
+        if problem in seen or problem in exclude or (accept is not None and not accept(problem)):
             continue
         seen.add(problem)
         out.append(problem)
@@ -282,13 +284,17 @@ def make_study_splits(
     num_test: int,
     num_ood: int,
     max_digits: int = 3,
-    held_out: Sequence[tuple[int, int]] = ((1, 3), (3, 1)),
+    held_out: Sequence[tuple[int, int]] = (),
+    held_out_units: Sequence[tuple[int, int]] = ((3, 8), (8, 3), (6, 6)),
 ) -> dict[str, list[Problem]]:
     """Disjoint addition splits for the study: ``train``, ``val``, ``test`` and ``ood``.
 
-    ``train``/``val``/``test`` use every operand-length pair up to
-    ``max_digits`` except ``held_out``; ``ood`` uses only the held-out pairs
-    (lengths the models were trained on, combined in a way they never saw).
+    ``ood`` holds the combinations no other split has: problems whose
+    operand-length pair is in ``held_out``, or whose units digits
+    ``(a % 10, b % 10)`` are in ``held_out_units`` (such a pair of digits
+    is still added at the other positions in training; only the first step
+    of the trace is new). ``train``/``val``/``test`` hold the rest, up to
+    ``max_digits`` digits.
     """
     pairs = [(i, j) for i in range(1, max_digits + 1) for j in range(1, max_digits + 1)]
     held_out = [tuple(map(int, p)) for p in held_out]
@@ -298,11 +304,18 @@ def make_study_splits(
     seen = [p for p in pairs if p not in held_out]
     if not seen:
         raise ValueError("held_out leaves no operand-length pair to train on.")
+    units = {tuple(map(int, u)) for u in held_out_units}
+    if any(not (0 <= x <= 9 and 0 <= y <= 9) for x, y in units):
+        raise ValueError(f"held_out_units must be pairs of digits 0-9, got {sorted(units)}.")
+    if not (held_out or units) and num_ood:
+        raise ValueError("an ood split needs held_out length pairs or held_out_units digit pairs.")
+    is_ood = lambda p: operand_lengths(p) in held_out or (p.a % 10, p.b % 10) in units
     rng = np.random.default_rng(seed)
-    test = make_problems(rng, num_test, lengths=seen)
-    val = make_problems(rng, num_val, lengths=seen, exclude=set(test))
-    train = make_problems(rng, num_train, lengths=seen, exclude=set(test) | set(val))
-    ood = make_problems(rng, num_ood, lengths=held_out) if held_out and num_ood else []
+    inside = lambda p: not is_ood(p)
+    test = make_problems(rng, num_test, lengths=seen, accept=inside)
+    val = make_problems(rng, num_val, lengths=seen, exclude=set(test), accept=inside)
+    train = make_problems(rng, num_train, lengths=seen, exclude=set(test) | set(val), accept=inside)
+    ood = make_problems(rng, num_ood, lengths=pairs, accept=is_ood) if num_ood else []
     return {"train": train, "val": val, "test": test, "ood": ood}
 
 
