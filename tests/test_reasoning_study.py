@@ -149,7 +149,13 @@ def test_smoke_study_runs_every_row_and_every_number_traces_back_to_the_runs(tmp
             teacher = np.array([c == "1" for c in shared["teachers"][strength]["test_correct"]], float)
             assert row["minus_teacher"]["mean"] == pytest.approx(bits.mean() - teacher.mean())
             assert f"minus_teacher_pass@{k}" in row
-    assert rows["strong_answer"]["train_examples"] == shared["pools"]["strong"]["stats"]["answer_pool"]
+    # Each row trains on its pool: KD, GKD and its control on the answer-verified one.
+    for strength in study.STRENGTHS:
+        st = shared["pools"][strength]["stats"]
+        for name, pool in (("greedy", "greedy"), ("answer", "answer"), ("trace", "trace"), ("tokenkd", "answer"),
+                           ("gkd", "answer"), ("sft_more", "answer")):
+            if f"{strength}_{name}" in rows:
+                assert rows[f"{strength}_{name}"]["train_examples"] == st[f"{pool}_pool"], (strength, name)
     assert rows["gt_traces"]["train_examples"] == len(train)
     gkd = summary["comparisons"]["strong: on-policy GKD minus compute-matched SFT"]
     assert gkd["rows"] == ["strong_gkd", "strong_sft_more"]
