@@ -62,7 +62,12 @@ def _flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_string("test_data", "", "distill-lm: test JSONL.", flag_values=fv)
     flags.DEFINE_string("out", "", "distill-lm: the student's Hugging Face directory; generate: the JSONL written.",
                         flag_values=fv)
-    flags.DEFINE_string("objective", "forward_kl", "distill-lm: forward_kl|hinton_kd|gkd|top_k|sft.", flag_values=fv)
+    flags.DEFINE_string("objective", "forward_kl", "distill-lm: forward_kl|hinton_kd|gkd|top_k|sft, or with a "
+                        "student tokenizer other than the teacher's aligned_kd|uld|sft.", flag_values=fv)
+    flags.DEFINE_string("student_tokenizer", "", "distill-lm: the student's tokenizer (a directory or tokenizer.json; "
+                        "default: the student directory's, else the teacher's).", flag_values=fv)
+    flags.DEFINE_integer("teacher_max_len", None, "distill-lm: the teacher's tokens per example when its tokenizer "
+                         "differs (config.task.teacher_max_len; default max_len).", flag_values=fv)
     flags.DEFINE_float("temperature", 1.0, "distill-lm: the KD temperature; generate: the sampling temperature.",
                        flag_values=fv)
     flags.DEFINE_float("beta", 0.5, "distill-lm: the generalized JSD's beta (gkd).", flag_values=fv)
@@ -216,7 +221,8 @@ def _distill_lm(fv) -> int:
     config, base = lm.configure(fv.config, teacher=fv.teacher, student=fv.student, data=fv.data, val_data=fv.val_data,
                                 test_data=fv.test_data, objective=fv.objective, temperature=fv.temperature,
                                 beta=fv.beta, top_k=fv.top_k, cache_dir=fv.cache_dir, sft_weight=fv.sft_weight,
-                                max_len=fv.max_len, chat=fv.chat)
+                                max_len=fv.max_len, chat=fv.chat, student_tokenizer=fv.student_tokenizer,
+                                teacher_max_len=fv.teacher_max_len)
     if fv.objective == "top_k":
         lm.ensure_cache(config, fv.teacher, progress=fv.progress)
     results = training.run(config, fv.workdir, resume=fv.resume, progress=fv.progress)

@@ -18,8 +18,15 @@ file and writes the student back as a Hugging Face directory::
   or ``sft`` (cross-entropy on the data alone, e.g. teacher samples from
   ``generate``: sequence-level KD). ``--sft_weight`` adds the data's
   cross-entropy to the KD objectives.
-* The tokenizer is the teacher's (``tokenizer.json`` in its directory); a
-  student directory with another tokenizer is refused.
+* The student's tokenizer is ``--student_tokenizer`` (a directory or a
+  ``tokenizer.json``), else the student directory's ``tokenizer.json``,
+  else the teacher's. When it differs from the teacher's, the teacher reads
+  its own tokenization of every example and the two are aligned by bytes
+  (:mod:`distill_jax.data.alignment`): ``--objective`` must then be
+  ``aligned_kd`` (KL on the shared vocabulary, ULD on the rest, the
+  chain-rule span term; :mod:`distill_jax.cross_tokenizer`), ``uld``
+  (Universal Logit Distillation at the aligned positions) or ``sft``;
+  the token-by-token objectives are refused, as they need one vocabulary.
 
 Everything else is the training core's: ``--config.*`` overrides the
 config of :func:`get_config` (optimizer, epochs, batch size, mesh,
@@ -42,11 +49,13 @@ import ml_collections
 import numpy as np
 
 from distill_jax import generation
-from distill_jax.data import text
+from distill_jax.data import alignment, text
 from distill_jax.models import hf
 from distill_jax.models import transformer as tf
 
-OBJECTIVES = ("forward_kl", "hinton_kd", "gkd", "top_k", "sft")
+OBJECTIVES = ("forward_kl", "hinton_kd", "gkd", "top_k", "sft", "aligned_kd", "uld")
+#: The objectives that work with a teacher of another tokenizer (sft: on the teacher's samples, sequence-level KD).
+CROSS_TOKENIZER_OBJECTIVES = ("aligned_kd", "uld", "sft")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "generation_config.json")
 
@@ -59,7 +68,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = default_config()
     c.dataset = "distill_jax.lm:jsonl_splits"
     c.task = ml_collections.ConfigDict({"tokenizer": "", "train": "", "val": "", "test": "", "max_len": 512,
-                                        "chat": False, "truncate": "error", "pack": 0})
+                                        "chat": False, "truncate": "error", "pack": 0,
+                                        # A teacher of another tokenizer: its tokenizer and tokens per example (0: max_len).
+                                        "teacher_tokenizer": "", "teacher_max_len": 0})
     c.model = ml_collections.ConfigDict({"name": "transformer"})
     c.init_from = ""
     c.optimizer = ml_collections.ConfigDict(
@@ -77,12 +88,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def jsonl_splits(split_seed: int, *, tokenizer: str, train: str, val: str = "", test: str = "", max_len: int = 512,
-                 chat: bool = False, truncate: str = "error", pack: int = 0) -> dict[str, dict[str, np.ndarray]]:
+                 chat: bool = False, truncate: str = "error", pack: int = 0, teacher_tokenizer: str = "",
+                 teacher_max_len: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """The token splits of prompt/completion JSONL files (``config.dataset="distill_jax.lm:jsonl_splits"``).
 
     ``pack > 0`` packs the training examples into rows of ``pack`` tokens
     (``text.pack_examples``; the model keeps the examples apart by their
-    segments); evaluation splits stay one example per row.
+    segments); evaluation splits stay one example per row. With
+    ``teacher_tokenizer``, the training split also holds the teacher's
+    tokenization of each example and the byte alignment of the two
+    (:func:`distill_jax.data.alignment.encode_aligned_examples`; no
+    truncation, no packing).
     """
     del split_seed  # the files are the splits
     if not train:
@@ -90,7 +106,15 @@ def jsonl_splits(split_seed: int, *, tokenizer: str, train: str, val: str = "", 
     tok = text.load_tokenizer(tokenizer)
     out = {}
     for name, path in (("train", train), ("val", val), ("test", test)):
-        if path:
+        if not path:
+            continue
+        if name == "train" and teacher_tokenizer:
+            if pack:
+                raise ValueError("config.task.pack > 0 is not supported with a teacher of another tokenizer; set it to 0.")
+            out[name] = alignment.encode_aligned_examples(
+                tok, text.load_tokenizer(teacher_tokenizer), text.read_jsonl(path), max_len=int(max_len),
+                teacher_max_len=int(teacher_max_len) or int(max_len), chat=bool(chat))
+        else:
             out[name] = text.encode_examples(tok, text.read_jsonl(path), max_len=int(max_len), chat=bool(chat),
                                              truncate=truncate)
     if pack:
@@ -115,14 +139,33 @@ def _student_model(student: str | Path) -> tuple[dict, str, dict]:
     return hf.model_config(config), "", {}
 
 
-def _tokenizer_fingerprint(directory: Path) -> str | None:
-    return text.load_tokenizer(directory).fingerprint if (Path(directory) / text.TOKENIZER_FILE).exists() else None
+def _tokenizer_fingerprint(path: Path) -> str | None:
+    path = Path(path)
+    exists = path.is_file() or (path / text.TOKENIZER_FILE).exists()
+    return text.load_tokenizer(path).fingerprint if exists else None
+
+
+def _student_tokenizer(student: str, student_tokenizer: str, teacher: str) -> Path:
+    """``--student_tokenizer``, else the student directory's tokenizer, else the teacher's."""
+    if student_tokenizer:
+        path = Path(student_tokenizer)
+        if not (path.is_file() or (path / text.TOKENIZER_FILE).exists()):
+            raise FileNotFoundError(f"--student_tokenizer={path}: neither a {text.TOKENIZER_FILE} file nor a directory "
+                                    "holding one.")
+        return path
+    if Path(student).is_dir() and (Path(student) / text.TOKENIZER_FILE).exists():
+        return Path(student)
+    if teacher and (Path(teacher) / text.TOKENIZER_FILE).exists():
+        return Path(teacher)
+    raise FileNotFoundError(f"no tokenizer for the student: {student} has no {text.TOKENIZER_FILE}"
+                            + (f", nor has {teacher}" if teacher else "") + "; pass --student_tokenizer.")
 
 
 def configure(config: ml_collections.ConfigDict, *, teacher: str, student: str, data: str, val_data: str = "",
               test_data: str = "", objective: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
               top_k: int = 0, cache_dir: str = "", sft_weight: float = 0.0, max_len: int | None = None,
-              chat: bool | None = None) -> tuple[ml_collections.ConfigDict, dict]:
+              chat: bool | None = None, student_tokenizer: str = "",
+              teacher_max_len: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
     """Fills ``config`` (from :func:`get_config`) from the ``distill-lm`` flags; returns it and the student's HF config."""
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
@@ -131,15 +174,16 @@ def configure(config: ml_collections.ConfigDict, *, teacher: str, student: str, 
     if teacher and not hf.is_hf_dir(teacher):
         raise FileNotFoundError(f"--teacher={teacher} is not a Hugging Face model directory (config.json + safetensors).")
     model, init_from, base = _student_model(student)
-    tokenizer_dir = Path(teacher or student)
-    if not (tokenizer_dir / text.TOKENIZER_FILE).exists():
-        raise FileNotFoundError(f"{tokenizer_dir} has no {text.TOKENIZER_FILE}: the data is tokenized with the teacher's tokenizer.")
-    if teacher and Path(student).is_dir():
-        mine, theirs = _tokenizer_fingerprint(Path(student)), _tokenizer_fingerprint(tokenizer_dir)
-        if mine is not None and mine != theirs:
-            raise ValueError(f"--student={student} has another tokenizer than --teacher={teacher}; token-level "
-                             "distillation needs one vocabulary (give the student the teacher's tokenizer).")
-    if teacher:
+    tokenizer_dir = _student_tokenizer(student, student_tokenizer, teacher)
+    cross = bool(teacher) and _tokenizer_fingerprint(tokenizer_dir) != _tokenizer_fingerprint(Path(teacher))
+    if cross and objective not in CROSS_TOKENIZER_OBJECTIVES:
+        raise ValueError(
+            f"the student's tokenizer ({tokenizer_dir}) is not the teacher's ({teacher}), and --objective={objective} "
+            "compares the two models token by token, which needs one vocabulary. Use --objective=aligned_kd or "
+            "--objective=uld (cross-tokenizer KD on byte-aligned tokens), or --objective=sft on the teacher's "
+            "samples (sequence-level KD)."
+        )
+    if teacher and not cross:
         teacher_vocab = hf.config_from_hf(hf.read_config(teacher)).vocab_size
         if teacher_vocab != model["vocab_size"]:
             raise ValueError(f"the teacher predicts {teacher_vocab} tokens, the student {model['vocab_size']}: "
@@ -148,8 +192,12 @@ def configure(config: ml_collections.ConfigDict, *, teacher: str, student: str, 
     config.model = ml_collections.ConfigDict(model)
     config.init_from = init_from
     config.task.update({"tokenizer": str(tokenizer_dir), "train": str(data), "val": str(val_data), "test": str(test_data)})
+    aligned = objective in ("aligned_kd", "uld")
+    config.task.teacher_tokenizer = str(teacher) if aligned else ""
     if max_len is not None:
         config.task.max_len = int(max_len)
+    if teacher_max_len is not None:
+        config.task.teacher_max_len = int(teacher_max_len)
     if chat is not None:
         config.task.chat = bool(chat)
     terms: dict[str, Any] = {}
@@ -157,6 +205,10 @@ def configure(config: ml_collections.ConfigDict, *, teacher: str, student: str, 
         terms["sft"] = {"loss": "cross_entropy", "weight": 1.0 if objective == "sft" else float(sft_weight)}
     if objective in ("forward_kl", "hinton_kd"):
         terms["kd"] = {"loss": objective, "weight": 1.0, "temperature": float(temperature)}
+    elif aligned:
+        terms["kd"] = {"loss": "aligned_kd" if objective == "aligned_kd" else "aligned_uld", "weight": 1.0,
+                       "temperature": float(temperature), "student_tokenizer": str(tokenizer_dir),
+                       "teacher_tokenizer": str(teacher)}
     elif objective == "gkd":
         terms["kd"] = {"loss": "generalized_jsd", "weight": 1.0, "temperature": float(temperature), "beta": float(beta)}
     elif objective == "top_k":
@@ -190,6 +242,9 @@ def export(out: str | Path, model: Mapping[str, Any], variables, *, base: Mappin
     config = tf.TransformerConfig.from_mapping({k: v for k, v in dict(model).items() if k != "name"})
     params = variables["params"] if "params" in variables else variables
     out = hf.save(out, config, params, dtype=dtype, hf_config=base)
+    if Path(tokenizer_dir).is_file():  # a lone tokenizer.json
+        shutil.copyfile(tokenizer_dir, out / text.TOKENIZER_FILE)
+        return out
     for name in TOKENIZER_FILES:
         source = Path(tokenizer_dir) / name
         if source.is_file() and name != hf.CONFIG:

@@ -49,6 +49,7 @@ __all__ = [
     "top_k_log_probs",
     "hint_loss",
     "attention_transfer",
+    "uld",
     "masked_log_softmax",
 ]
 
@@ -692,6 +693,129 @@ def top_k_kd(
 def _poison_rows(loss: Array, entries_ok: Array | None) -> Array:
     """NaN for every row with an invalid entry (``entries_ok`` has a trailing entry axis)."""
     return loss if entries_ok is None else checks.poison(loss, jnp.all(entries_ok, axis=-1))
+
+
+# --------------------------------------------------------------------------
+# Cross-tokenizer losses.
+
+
+def _sorted_probs(logits: Array, temperature: Array, axis: int, masks: Sequence, who: str) -> Array:
+    """One side of :func:`uld`: tempered softmax over its valid classes, class axis last, sorted descending.
+
+    The masks (``None`` or boolean arrays) are ANDed with ``logits != -inf``;
+    they may add leading batch axes. A row with no valid class is all zeros.
+    """
+    x = _float32(logits)
+    if x.ndim == 0:
+        raise ValueError(f"{who} logits must have a class axis; got a scalar.")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for the {who} logits of shape {x.shape}.")
+    axis = axis % x.ndim - x.ndim  # counted from the end: masks may add leading axes
+    masks = [jnp.asarray(m, bool) for m in masks if m is not None]
+    try:
+        shape = jnp.broadcast_shapes(x.shape, *(m.shape for m in masks))
+    except ValueError:
+        raise ValueError(
+            f"the {who} masks (shapes {[m.shape for m in masks]}) do not broadcast to the {who} logits "
+            f"{x.shape}; a mask over classes must have that side's class count, a mask of tokens a "
+            "class axis of size 1 (mask[..., None])."
+        ) from None
+    x = jnp.broadcast_to(x, shape)
+    valid = x != -jnp.inf  # NaN != -inf: a NaN stays valid and poisons its row
+    for m in masks:
+        valid = valid & jnp.broadcast_to(m, shape)
+    # Masked entries become 0 before the division (no -inf / T in any gradient).
+    log_p, valid = masked_log_softmax(jnp.where(valid, x, 0.0) / temperature, axis=axis, where=valid)
+    p = jnp.moveaxis(jnp.where(valid, jnp.exp(log_p), 0.0), axis, -1)
+    return -jnp.sort(-p, axis=-1)
+
+
+def uld(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    temperature: ArrayLike = 1.0,
+    *,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    student_where: ArrayLike | None = None,
+    teacher_where: ArrayLike | None = None,
+) -> Array:
+    r"""Universal Logit Distillation (ULD): L1 distance of the sorted probability vectors.
+
+    .. math::
+      q = \mathrm{sort}_\downarrow\big(\mathrm{softmax}(s / T)\big),\quad
+      p = \mathrm{sort}_\downarrow\big(\mathrm{softmax}(t / T)\big),\quad
+      \ell = \sum_{i=1}^{\max(N_s, N_t)} |q_i - p_i|
+
+    where the shorter of the two sorted vectors is padded with zeros, so the
+    student's and the teacher's vocabularies (class counts :math:`N_s`,
+    :math:`N_t`) may differ: a student can learn from a teacher with another
+    tokenizer. ULD is **not** a divergence of two distributions over one
+    vocabulary: it compares the sorted probability vectors only, so it is
+    invariant to permuting either vocabulary, and it is 0 whenever the sorted
+    vectors match, even if the tokens that carry the mass differ. (That is
+    why it needs no token alignment; the paper adds it to the student's
+    cross-entropy on its own tokens, which supplies the token identities.)
+    Values lie in [0, 2]. The paper obtains this sum as a closed form of a
+    Wasserstein distance between the two distributions under a uniform
+    transport cost. Pairing the student's and the teacher's token positions
+    (the two tokenizers cut a text differently) is the caller's, as is the
+    mean over tokens.
+
+    Each side's distribution is a softmax over *its own* valid classes: an
+    entry is valid where its logit is not ``-inf`` and that side's masks are
+    true. A side with no valid class in a row counts as all zeros there, so a
+    row with nothing valid on either side has loss 0 and gradient 0. NaN is
+    never a mask: a NaN among a side's valid logits makes the row NaN.
+    No T^2 factor.
+
+    References:
+      Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal
+      Logit Distillation Loss for LLMs", 2024, arXiv:2402.12030.
+
+    Args:
+      student_logits: ``[..., student_vocab]`` student logits.
+      teacher_logits: ``[..., teacher_vocab]`` teacher logits; the vocabulary
+        size may differ, the batch axes must broadcast with the student's.
+      temperature: T > 0 that divides both sets of logits.
+      axis: the class axis of both sets of logits.
+      where: optional mask of examples/tokens, broadcast to both sides' class
+        axes and ANDed into both, e.g. ``mask[..., None]`` (what
+        :func:`distill_jax.objectives.combine` passes); masked-out tokens
+        give exactly 0. Its class axis must be 1 when the vocabularies differ.
+      student_where: optional mask of the student's classes, broadcastable to
+        ``student_logits``.
+      teacher_where: optional mask of the teacher's classes, broadcastable to
+        ``teacher_logits``.
+
+    Returns:
+      Per-example loss, float32, the broadcast batch shape (the logits'
+      shapes without ``axis``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = jnp.array([[0.0, 0.0]]); t = jnp.array([[jnp.log(2.0), 0.0, 0.0]])
+      >>> uld(s, t)  # |0.5 - 0.5| + |0.5 - 0.25| + |0 - 0.25|
+      Array([0.5...], dtype=float32)
+      >>> uld(jnp.array([[0.0, 1.0]]), jnp.array([[1.0, 0.0]]))  # same probabilities, other tokens
+      Array([0.], dtype=float32)
+    """
+    temperature = _temperature(temperature)
+    q = _sorted_probs(student_logits, temperature, axis, (where, student_where), "student")
+    p = _sorted_probs(teacher_logits, temperature, axis, (where, teacher_where), "teacher")
+    try:
+        batch = jnp.broadcast_shapes(q.shape[:-1], p.shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"student logits {jnp.shape(student_logits)} and teacher logits {jnp.shape(teacher_logits)} "
+            f"have batch shapes {q.shape[:-1]} and {p.shape[:-1]} (class axis {axis} removed) that do not "
+            "broadcast; the vocabularies may differ, the examples must match."
+        ) from None
+    n = max(q.shape[-1], p.shape[-1])
+    q = jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, n - q.shape[-1])])
+    p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, n - p.shape[-1])])
+    diff = jnp.broadcast_to(q, batch + (n,)) - jnp.broadcast_to(p, batch + (n,))
+    return jnp.sum(jnp.abs(diff), axis=-1)
 
 
 # --------------------------------------------------------------------------

@@ -224,6 +224,7 @@ LOSSES: dict[str, Callable] = {
     "logit_mse": losses.logit_mse,
     "decoupled_kd": losses.decoupled_kd,
     "top_k_kd": losses.top_k_kd,
+    "uld": losses.uld,
 }
 
 
@@ -236,15 +237,25 @@ def from_spec(spec: Mapping[str, Mapping[str, Any]]) -> Objective:
          "soft": {"loss": "hinton_kd", "weight": 0.9, "temperature": 20.0}}
 
     Every key other than ``loss`` and ``weight`` is bound to the loss as a
-    keyword argument.
+    keyword argument. The cross-tokenizer losses ``aligned_kd`` and
+    ``aligned_uld`` (:mod:`distill_jax.cross_tokenizer`) also take
+    ``student_tokenizer`` and ``teacher_tokenizer`` paths.
     """
+    from distill_jax import cross_tokenizer
+
     terms = {}
     for name, entry in dict(spec).items():
         entry = dict(entry)
         loss_name = entry.pop("loss", None)
+        if loss_name in cross_tokenizer.CROSS_TOKENIZER_LOSSES:
+            # A teacher of another tokenizer: the term reads the batch's alignment (distill_jax.cross_tokenizer).
+            weight = entry.pop("weight", 1.0)
+            terms[name] = (weight, cross_tokenizer.make_term(loss_name, **entry))
+            continue
         if loss_name not in LOSSES:
             raise ValueError(
-                f"objective term {name!r}: unknown loss {loss_name!r}; choose one of {sorted(LOSSES)}."
+                f"objective term {name!r}: unknown loss {loss_name!r}; choose one of "
+                f"{sorted(LOSSES) + list(cross_tokenizer.CROSS_TOKENIZER_LOSSES)}."
             )
         weight = entry.pop("weight", 1.0)
         fn = LOSSES[loss_name]
@@ -262,6 +273,10 @@ def chunked_from_spec(spec: Mapping[str, Mapping[str, Any]], *, chunk_size: int)
     token-weighted mean loss (a scalar: each term is a chunked
     ``total / count``) and the metrics of :func:`combine`. Same value as
     :func:`from_spec`'s token-weighted mean, up to float rounding.
+
+    ``uld`` runs here only with one shared vocabulary (the chunked projection
+    needs it); a teacher head of another vocabulary size is refused. For
+    cross-tokenizer ULD use :func:`from_spec` on the logits.
     """
     from distill_jax import chunked
 
@@ -291,6 +306,12 @@ def chunked_from_spec(spec: Mapping[str, Mapping[str, Any]], *, chunk_size: int)
                 value, count = chunked.chunked_top_k_kd(hidden, head, values, indices, mask, chunk_size=chunk_size, **kwargs)
             else:
                 t_hidden, t_head = teacher_outputs
+                if loss_name == "uld" and jnp.ndim(t_head) == 2 and jnp.shape(t_head)[1] != jnp.shape(head)[-1]:
+                    raise ValueError(
+                        f"term {name!r} (uld): the teacher's head has {jnp.shape(t_head)[1]} output classes, the "
+                        f"student's {jnp.shape(head)[-1]}; the chunked objective needs one shared vocabulary. "
+                        "For cross-tokenizer ULD use from_spec on materialized logits (or losses.uld)."
+                    )
                 value, count = chunked.chunked_token_loss(hidden, head, t_hidden, t_head, mask, loss=LOSSES[loss_name],
                                                           chunk_size=chunk_size, **kwargs)
             mean = value / jnp.maximum(count, 1.0)

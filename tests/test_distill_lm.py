@@ -167,3 +167,45 @@ def test_packed_training_rows_hold_several_examples_and_train(setup):
     assert packed["num_train"] < 96 // 2 and plain["num_train"] == 96
     # Fewer, fuller batches train the same examples: the loss is of the same order, well below chance (ln 40).
     assert packed["val_loss"] < 3.0
+
+
+def _merged_tokenizer(directory: Path) -> text.Tokenizer:
+    """A BPE with merges across characters ("4+", "=1", ...): other tokens and other ids than the teacher's."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(vocab_size=48, special_tokens=["<unk>", "</s>"], show_progress=False)
+    backend.train_from_iterator([f"{r['prompt']}{r['completion']}" for r in _problems(500, 98)], trainer)
+    tok = text.Tokenizer.from_backend(backend, eos_token="</s>", pad_token="<unk>", unk_token="<unk>")
+    tok.save(directory)
+    return tok
+
+
+def test_cross_tokenizer_distillation_from_the_cli(setup, tmp_path):
+    """A student with its own tokenizer (merged tokens) learns from the character-level teacher through aligned tokens."""
+    root, data, common, _, _ = setup
+    char_tok = _merged_tokenizer(tmp_path / "merged_tok")
+    student_init = _random_qwen2(tmp_path / "student_init", tmp_path / "merged_tok", char_tok.vocab_size, 32, 1, seed=1)
+    rows = text.read_jsonl(data["student_train"])[:50]
+    assert sum(len(char_tok.encode(r["completion"])) for r in rows) < sum(len(r["completion"]) for r in rows)
+    assert text.load_tokenizer(student_init).fingerprint != text.load_tokenizer(root / "teacher_hf").fingerprint
+    args = [f"--student={student_init}", f"--data={data['student_train']}", f"--val_data={data['val']}",
+            "--config.num_epochs=20", *common]
+    with pytest.raises(ValueError, match="needs one vocabulary"):
+        cli.main(["distill-jax", "distill-lm", *args, f"--teacher={root / 'teacher_hf'}", "--objective=forward_kl",
+                  f"--workdir={tmp_path / 'refused'}", f"--out={tmp_path / 'refused_hf'}"])
+    alone = _cli("distill-lm", *args, "--objective=sft", f"--workdir={tmp_path / 'alone'}", f"--out={tmp_path / 'alone_hf'}")
+    kd = _cli("distill-lm", *args, f"--teacher={root / 'teacher_hf'}", "--objective=aligned_kd", "--sft_weight=0.5",
+              f"--workdir={tmp_path / 'kd'}", f"--out={tmp_path / 'kd_hf'}")
+    uld = _cli("distill-lm", *args, f"--teacher={root / 'teacher_hf'}", "--objective=uld", "--sft_weight=0.5",
+               "--config.num_epochs=2", f"--workdir={tmp_path / 'uld'}", f"--out={tmp_path / 'uld_hf'}")
+    epochs = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    first, last = epochs[0]["train"]["kd"], epochs[-1]["train"]["kd"]
+    print(f"held-out loss (student's tokens): data alone {alone['val_loss']:.4f}, aligned KD {kd['val_loss']:.4f}; "
+          f"aligned KD term {first:.3f} (epoch 1) -> {last:.3f} (epoch 20)")
+    # The student moves toward the teacher's aligned distributions, and learns the task (chance: ln 48 = 3.9).
+    assert last < 0.75 * first and kd["val_loss"] < 2.5 and np.isfinite(uld["val_loss"])
+    config = json.loads((tmp_path / "kd" / "config.json").read_text())
+    assert config["task"]["teacher_tokenizer"] == str(root / "teacher_hf")
+    assert text.load_tokenizer(tmp_path / "kd_hf").fingerprint == char_tok.fingerprint

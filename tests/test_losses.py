@@ -756,3 +756,231 @@ def test_all_nan_student_logits_give_nan_kd_loss_not_zero():
     assert np.all(np.isnan(np.asarray(L.hinton_kd(jnp.full((2, 10), jnp.nan), jnp.zeros((2, 10)), 4.0))))
     log_p, valid = L.masked_log_softmax(jnp.array([0.0, jnp.nan, -jnp.inf]))
     assert np.all(np.isnan(np.asarray(log_p[:2]))) and np.asarray(valid).tolist() == [True, True, False]
+
+
+# ------------------------------------------------------------------ ULD (cross-tokenizer)
+#
+# Mostly through one jitted ``uld`` and a few shapes: compiling the loss once
+# per shape is far cheaper than eager op-by-op dispatch on new shapes.
+
+_uld = jax.jit(L.uld, static_argnames="axis")
+
+
+def _uld_np(s, t, T=1.0, s_where=None, t_where=None, where=None):
+    """Universal logit distillation in float64 (Boizard et al. 2024, arXiv:2402.12030).
+
+    Per side: softmax over its own valid classes (not -inf, mask true; no
+    valid class gives all zeros), sorted descending; the shorter vector is
+    zero-padded; the loss is the L1 distance.
+    """
+
+    def side(x, *masks):
+        x = np.asarray(x, np.float64)
+        valid = ~np.isneginf(x)
+        for m in masks:
+            if m is not None:
+                valid = valid & np.asarray(m, bool)
+        x = np.where(valid, x / T, -np.inf)
+        m = np.max(x, -1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.where(valid, np.exp(np.where(valid, x - m, 0.0)), 0.0)
+        total = e.sum(-1, keepdims=True)
+        return -np.sort(-(e / np.where(total > 0, total, 1.0)), axis=-1)
+
+    q, p = side(s, s_where, where), side(t, t_where, where)
+    n = max(q.shape[-1], p.shape[-1])
+    q = np.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, n - q.shape[-1])])
+    p = np.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, n - p.shape[-1])])
+    return np.abs(q - p).sum(-1)
+
+
+@st.composite
+def uld_cases(draw_fn):
+    """Logits with different (or equal) class counts, -inf entries and class masks on each side."""
+    ns, nt = draw_fn(st.sampled_from([(5, 9), (9, 5), (5, 5)]))
+    elems = st.floats(-20.0, 20.0, allow_nan=False, width=32)
+    s = draw_fn(hnp.arrays(np.float32, (3, ns), elements=elems))
+    t = draw_fn(hnp.arrays(np.float32, (3, nt), elements=elems))
+    # Mostly-true masks: a few classes leave, now and then a whole row.
+    mostly = st.sampled_from([True, True, True, False])
+    s = np.where(draw_fn(hnp.arrays(bool, s.shape, elements=mostly)), s, -np.inf).astype(np.float32)
+    t = np.where(draw_fn(hnp.arrays(bool, t.shape, elements=mostly)), t, -np.inf).astype(np.float32)
+    s_where = draw_fn(hnp.arrays(bool, s.shape, elements=mostly))
+    t_where = draw_fn(hnp.arrays(bool, t.shape, elements=mostly))
+    return s, t, s_where, t_where
+
+
+@given(uld_cases(), temperatures)
+def test_uld_matches_numpy(case, T):
+    s, t, s_where, t_where = case
+    got = _uld(s, t, T, student_where=s_where, teacher_where=t_where)
+    assert got.dtype == jnp.float32 and got.shape == s.shape[:-1]
+    np.testing.assert_allclose(got, _uld_np(s, t, T, s_where, t_where), rtol=1e-5, atol=2e-6)
+    assert np.all((np.asarray(got) >= 0) & (np.asarray(got) <= 2 + 1e-6))
+
+
+def test_uld_golden_values_across_vocabularies():
+    rng = np.random.default_rng(11)
+    s = (rng.normal(size=(3, 5)) * 3).astype(np.float32)
+    t = (rng.normal(size=(3, 9)) * 3).astype(np.float32)
+    for T in (0.5, 1.0, 3.0):
+        np.testing.assert_allclose(_uld(s, t, T), _uld_np(s, t, T), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_uld(t, s, T), _uld_np(t, s, T), rtol=1e-5, atol=1e-6)
+    s_where = rng.random(s.shape) < 0.7
+    t_where = rng.random(t.shape) < 0.7
+    np.testing.assert_allclose(
+        _uld(s, t, 2.0, student_where=s_where, teacher_where=t_where),
+        _uld_np(s, t, 2.0, s_where, t_where), rtol=1e-5, atol=1e-6,
+    )
+    # Class masks shared by every row ([vocab]) and batch axes that broadcast: [3, 1] x [2] -> [3, 2].
+    np.testing.assert_allclose(
+        _uld(s[:, None], t[:2], student_where=s_where[0], teacher_where=t_where[1]),
+        _uld_np(s[:, None], t[:2], 1.0, s_where[0], t_where[1]), rtol=1e-5, atol=1e-6,
+    )
+    # Hand values: one-hot against uniform over 9 is 2 - 2/9; uniform over 2 against [.5, .25, .25] is 0.5.
+    one_hot = np.where(np.arange(5) == 0, 1e4, 0.0)
+    np.testing.assert_allclose(_uld(one_hot, np.zeros(9), 1.0), 2 - 2 / 9, rtol=1e-6)
+    two = np.where(np.arange(5) < 2, 0.0, -np.inf)
+    np.testing.assert_allclose(_uld(two, np.array([np.log(2.0), 0.0, 0.0] + [-np.inf] * 6), 1.0), 0.5, rtol=1e-6)
+
+
+def test_uld_symmetry_permutation_invariance_and_zeros():
+    rng = np.random.default_rng(12)
+    s = (rng.normal(size=(3, 5)) * 2).astype(np.float32)
+    t = (rng.normal(size=(3, 5)) * 2).astype(np.float32)
+    u = (rng.normal(size=(3, 9)) * 2).astype(np.float32)
+    np.testing.assert_allclose(_uld(s, t, 2.0), _uld(t, s, 2.0), rtol=1e-6)
+    base = np.asarray(_uld(s, u, 2.0))
+    assert np.all((base > 0) & (base <= 2))
+    for seed in range(3):
+        ps, pu = np.random.default_rng(seed).permutation(5), np.random.default_rng(seed).permutation(9)
+        np.testing.assert_allclose(_uld(s[:, ps], u, 2.0), base, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_uld(s, u[:, pu], 2.0), base, rtol=1e-5, atol=1e-6)
+        # A teacher that permutes the student's probabilities: 0, though the tokens differ.
+        np.testing.assert_allclose(_uld(s, s[:, ps], 2.0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(_uld(s, s, 2.0), 0.0, atol=0)
+    # Extra teacher classes with no mass (-inf) change nothing: that is the zero padding.
+    np.testing.assert_allclose(_uld(s, np.pad(s, [(0, 0), (0, 4)], constant_values=-np.inf), 2.0), 0.0, atol=0)
+    # ULD compares sorted vectors only: it is no divergence of the two distributions.
+    assert np.all(np.asarray(jax.jit(L.forward_kl)(s, s[:, ::-1])) > 0.1)
+
+
+def test_uld_gradient_matches_finite_differences():
+    rng = np.random.default_rng(13)
+    s = rng.normal(size=(3, 5)).astype(np.float32)  # distinct values: no ties in the sort
+    t = (rng.normal(size=(3, 9)) * 2).astype(np.float32)
+    s_where = np.array([True, True, False, True, True])
+    T = 2.0
+    grad = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(L.uld(x, t, T, student_where=s_where))))(s))
+    eps = 1e-6
+    want = np.zeros(s.shape, np.float64)
+    s64 = s.astype(np.float64)
+    for idx in np.ndindex(s.shape):
+        d = np.zeros_like(s64)
+        d[idx] = eps
+        want[idx] = (_uld_np(s64 + d, t, T, s_where).sum() - _uld_np(s64 - d, t, T, s_where).sum()) / (2 * eps)
+    np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-5)
+    assert np.all(grad[:, 2] == 0.0) and np.abs(grad).max() > 1e-2
+
+
+def test_uld_numerics_huge_neg_inf_and_masked_rows():
+    value_and_grad = jax.jit(jax.value_and_grad(lambda x, y, **kw: jnp.sum(L.uld(x, y, 2.0, **kw))))
+    big = np.array([[1e4, -1e4, 0.0, 5e3, 1.0], [-1e4, 1e4, 1e4, -1e4, 0.0], [0.0, 0.0, -1e4, 1e4, 1e4]])
+    big_t = np.concatenate([-big, big[:, :4]], axis=1)  # [3, 9]
+    value, grad = value_and_grad(big, big_t)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(_uld(big, big_t, 2.0), _uld_np(big, big_t, 2.0), atol=1e-6)
+    # -inf entries: the class leaves that side's softmax, as if it were not in the vocabulary.
+    rng = np.random.default_rng(14)
+    s, t = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 9)).astype(np.float32)
+    s_inf = np.where(np.arange(5) < 3, s, -np.inf).astype(np.float32)
+    value, grad = value_and_grad(s_inf, t)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(np.asarray(grad)[:, 3:], 0.0)
+    np.testing.assert_allclose(_uld(s_inf, t, 2.0), _uld_np(s[:, :3], t, 2.0), rtol=1e-5)
+    np.testing.assert_allclose(_uld(s, t, 2.0, student_where=np.arange(5) < 3), _uld(s_inf, t, 2.0), rtol=1e-6)
+    # A token mask on both sides (where=mask[..., None]): masked rows give loss 0 and gradient 0.
+    keep = np.array([True, False, True])
+    per_example = _uld(s, t, 2.0, where=keep[:, None])
+    _, grad = value_and_grad(s, t, where=keep[:, None])
+    assert float(per_example[1]) == 0.0 and np.all(np.asarray(grad)[1] == 0.0) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(per_example[keep], np.asarray(_uld(s, t, 2.0))[keep], rtol=1e-6)
+    # Nothing valid on either side (masks or -inf): 0, with a finite zero gradient.
+    value, grad = value_and_grad(np.full((3, 5), -np.inf, np.float32), np.full((3, 9), -np.inf, np.float32))
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
+    both = _uld(s, t, 2.0, student_where=np.zeros(5, bool), teacher_where=np.zeros(9, bool))
+    np.testing.assert_array_equal(both, 0.0)
+    # One side empty: it counts as all zeros, so each row's loss is the other side's mass, 1.
+    value, grad = value_and_grad(s, t, teacher_where=np.zeros(9, bool))
+    np.testing.assert_allclose(value, 3.0, rtol=1e-6)
+    assert np.all(np.isfinite(grad))
+
+
+def test_uld_dtypes_nan_and_bad_arguments():
+    rng = np.random.default_rng(15)
+    s = jnp.asarray(rng.normal(size=(3, 5)) * 4, jnp.bfloat16)
+    t = jnp.asarray(rng.normal(size=(3, 9)) * 4, jnp.bfloat16)
+    low = _uld(s, t, 2.0)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, _uld(s.astype(jnp.float32), t.astype(jnp.float32), 2.0), rtol=1e-6, atol=1e-7)
+    # NaN is never a mask, on either side; a NaN the caller masks out is padding.
+    clean_s, clean_t = jnp.zeros((3, 5)).at[:, 0].set(3.0), jnp.zeros((3, 9)).at[:, 1].set(2.0)
+    for s_, t_ in ((clean_s.at[0, 3].set(jnp.nan), clean_t), (clean_s, clean_t.at[0, 6].set(jnp.nan))):
+        value = np.asarray(_uld(s_, t_, 2.0))
+        assert np.isnan(value[0]) and np.all(np.isfinite(value[1:])), value
+    masked = _uld(clean_s.at[0, 3].set(jnp.nan), clean_t, 2.0, student_where=jnp.arange(5) != 3)
+    assert np.all(np.isfinite(np.asarray(masked)))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            L.uld(clean_s, clean_t, bad)
+    from distill_jax import checks
+
+    with checks.traced_checks(False):  # a traced T = 0 inside jit: NaN, never a finite value
+        assert np.all(np.isnan(np.asarray(jax.jit(lambda T: L.uld(clean_s, clean_t, T))(0.0))))
+    # Shape errors (checked while tracing, so jit raises them too).
+    with pytest.raises(ValueError, match="class axis"):
+        _uld(jnp.float32(0.0), clean_t, 1.0)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        _uld(jnp.zeros((3, 5)), jnp.zeros((2, 9)), 1.0)
+    with pytest.raises(ValueError, match="masks"):
+        _uld(clean_s, clean_t, 1.0, where=jnp.ones((3, 5), bool))  # a class mask cannot serve both vocabularies
+
+
+def test_uld_jit_vmap_grad_and_axis():
+    rng = np.random.default_rng(16)
+    s = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    t = rng.normal(size=(2, 3, 9)).astype(np.float32)
+    eager = np.asarray(L.uld(s[0], t[0], 2.0))  # the only eager evaluation on a fresh shape
+    np.testing.assert_allclose(_uld(s[0], t[0], 2.0), eager, rtol=1e-6, atol=1e-7)
+    batched = np.asarray(_uld(s, t, 2.0))
+    assert batched.shape == (2, 3)
+    np.testing.assert_allclose(jax.jit(jax.vmap(partial(L.uld, temperature=2.0)))(s, t), batched, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_uld(np.moveaxis(s, -1, 0), np.moveaxis(t, -1, 0), 2.0, axis=0), batched, rtol=1e-6)
+    grad = jax.jit(jax.grad(lambda x, y: jnp.sum(L.uld(x, y, 2.0))))(s, t)
+    assert grad.shape == s.shape and np.all(np.isfinite(grad))
+    # Softmax gradients: each row's gradient sums to 0.
+    np.testing.assert_allclose(np.asarray(grad).sum(-1), 0.0, atol=1e-6)
+
+
+def test_uld_in_objectives_from_spec_and_chunked():
+    from distill_jax import objectives
+
+    rng = np.random.default_rng(17)
+    s = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    t = rng.normal(size=(2, 3, 9)).astype(np.float32)  # another vocabulary
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+    objective = jax.jit(objectives.from_spec({"uld": {"loss": "uld", "temperature": 2.0}}))
+    per_token, metrics = objective(s, t, {"mask": mask})
+    want = _uld_np(s, t, 2.0) * mask
+    np.testing.assert_allclose(per_token, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["uld"], want.sum() / mask.sum(), rtol=1e-5)
+    # The chunked objective: one shared vocabulary works and matches; another vocabulary is refused.
+    hs, ht = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)
+    ws, wt, wt_other = (rng.normal(size=(4, v)).astype(np.float32) for v in (5, 5, 9))
+    chunked_objective = jax.jit(objectives.chunked_from_spec({"uld": {"loss": "uld", "temperature": 2.0}}, chunk_size=2))
+    batch = {"mask": mask, "label": np.zeros((2, 3), np.int32)}
+    total, _ = chunked_objective((hs, ws), (ht, wt), batch)
+    full = _uld_np(hs.astype(np.float64) @ ws, ht.astype(np.float64) @ wt, 2.0)
+    np.testing.assert_allclose(total, (full * mask).sum() / mask.sum(), rtol=1e-4)
+    with pytest.raises(ValueError, match="shared vocabulary.*from_spec"):
+        chunked_objective((hs, ws), (ht, wt_other), batch)

@@ -44,7 +44,8 @@ import optax
 from tqdm import tqdm
 
 from distill_jax import data as data_lib
-from distill_jax.data import teacher_cache
+from distill_jax.data import alignment, teacher_cache
+from distill_jax.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 from distill_jax import losses, models, objectives
 from distill_jax import sharding as sharding_lib
 from distill_jax.models import hf, transformer
@@ -65,6 +66,9 @@ from distill_jax.training.steps import (
 #: The batch keys each kind of model is called with.
 IMAGE_INPUTS = ("image",)
 TOKEN_INPUTS = ("inputs", "valid")
+#: What a teacher of another tokenizer is called with (distill_jax.data.alignment).
+CROSS_TEACHER_INPUTS = ("teacher_inputs", "teacher_valid")
+_ALIGNED_ARRAYS = alignment.TEACHER_KEYS + alignment.ALIGNED_KEYS
 
 # Keys that may differ between a checkpoint's config and the resuming run's.
 _RESUME_MAY_CHANGE = ("checkpoint_every", "progress", "mesh", "teacher_partition", "student_partition")
@@ -347,6 +351,12 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     inputs = TOKEN_INPUTS if tokens else IMAGE_INPUTS
     split_arrays = {name: _arrays(splits[name], tokens) for name in ("train", "val", "test") if name in splits}
     train_arrays = split_arrays["train"]
+    # A teacher with another tokenizer reads its own tokens of the same text (distill_jax.data.alignment).
+    cross_tokenizer = tokens and "teacher_inputs" in train_arrays
+    teacher_inputs = CROSS_TEACHER_INPUTS if cross_tokenizer else None
+    for name in ("val", "test"):  # evaluation reads the student's tokens only
+        if name in split_arrays:
+            split_arrays[name] = {k: v for k, v in split_arrays[name].items() if k not in _ALIGNED_ARRAYS}
     if tokens and "segments" in train_arrays:  # packed rows (distill_jax.data.text.pack_examples)
         inputs = TOKEN_INPUTS + ("segments",)
         for arrays in split_arrays.values():  # an unpacked split: one segment per row
@@ -394,10 +404,19 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
     teacher_apply, teacher_params, teacher_rules = None, None, None
     if teacher_path:
         teacher_apply, teacher_params, teacher_model = load_teacher(
-            teacher_path, num_classes, mesh=mesh, partition=config_dict.get("teacher_partition")
+            teacher_path, None if cross_tokenizer else num_classes, mesh=mesh,
+            partition=config_dict.get("teacher_partition")
         )
         teacher_rules = partition_rules(models.create(teacher_model), config_dict.get("teacher_partition"))
     _check_ids(split_arrays, num_classes, tokens)  # after the teacher: its class-count error names the cause better
+    teacher_classes = num_classes
+    if cross_tokenizer:
+        teacher_classes = _check_cross_tokenizer(config_dict, train_arrays, teacher_model if teacher_path else None)
+    elif any(spec.get("loss") in CROSS_TOKENIZER_LOSSES for spec in config_dict["objective"].values()):
+        raise ValueError(
+            "the objective has a cross-tokenizer term (aligned_kd / aligned_uld) but the data is not aligned: give "
+            "the task a teacher_tokenizer (distill_jax.data.alignment.encode_aligned_examples makes the arrays)."
+        )
     needs_teacher = any(
         spec.get("loss", "cross_entropy") != "cross_entropy" for spec in config_dict["objective"].values()
     )
@@ -419,6 +438,9 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
         probe = (jnp.zeros(rows + (4,)), jnp.zeros((4, num_classes)))
     probe_batch = {"label": jnp.zeros(rows, jnp.int32)} | ({"mask": jnp.ones(rows)} if tokens else {})
     probe_teacher = probe if needs_teacher else None
+    if cross_tokenizer:
+        probe_batch |= {k: jnp.zeros(rows, train_arrays[k].dtype) for k in _ALIGNED_ARRAYS}
+        probe_teacher = jnp.zeros(rows + (teacher_classes,)) if needs_teacher else None
     if top_k_temperature is not None:
         probe_teacher = (jnp.full(rows + (top_k,), -math.log(num_classes)), jnp.zeros(rows + (top_k,), jnp.int32))
     objective(probe, probe_teacher, probe_batch, step=0)
@@ -466,6 +488,7 @@ def _run(config_dict: dict, workdir: Path, *, existing: int | None, lead: bool, 
         batch_transform=functools.partial(_jitter_images, max_shift=jitter) if jitter else None,
         projection=functools.partial(models.max_norm_project, max_norm=max_norm) if max_norm else None,
         chunk_size=chunk_size,
+        teacher_inputs=teacher_inputs,
     )
     train_epoch = make_train_epoch(step, batch_size=batch_size, layout=layout, num_examples=num_train)
     eval_batch_size = int(config_dict.get("eval_batch_size", 1000))
@@ -574,6 +597,10 @@ def _arrays(split, tokens: bool) -> dict[str, np.ndarray]:
                   "label": np.asarray(split["label"], np.int32), "mask": np.asarray(split["mask"], np.float32)}
         if "segments" in split:  # packed: several examples per row
             arrays["segments"] = np.asarray(split["segments"], np.int32)
+        for key in _ALIGNED_ARRAYS:  # a teacher of another tokenizer: its tokens and the alignment
+            if key in split:
+                arrays[key] = np.asarray(split[key], bool if key == "teacher_valid" else
+                                         np.float32 if key == "align_start" else np.int32)
         return arrays
     return {"image": np.asarray(split.images), "label": np.asarray(split.labels, np.int32)}
 
@@ -590,6 +617,42 @@ def _check_ids(split_arrays: Mapping[str, Mapping[str, np.ndarray]], num_classes
                     f"{num_classes} {what} [0, {num_classes}). Set config.model to the data's "
                     f"{'vocabulary size' if tokens else 'number of classes'}, or fix the data."
                 )
+
+
+def _check_cross_tokenizer(config: Mapping[str, Any], train: Mapping[str, np.ndarray], teacher_model) -> int:
+    """Checks a run whose teacher has another tokenizer; returns the teacher's vocabulary size.
+
+    Losses that compare the two models' distributions token by token need
+    one vocabulary and are refused; so are the paths that feed the teacher
+    the student's tokens (a cached teacher, chunks, packing).
+    """
+    missing = [k for k in _ALIGNED_ARRAYS if k not in train]
+    if missing:
+        raise ValueError(f"cross-tokenizer training data lacks {missing}; make it with "
+                         "distill_jax.data.alignment.encode_aligned_examples.")
+    one_vocabulary = sorted({spec.get("loss") for spec in config["objective"].values()}
+                            - {"cross_entropy", *CROSS_TOKENIZER_LOSSES})
+    if one_vocabulary:
+        raise ValueError(
+            f"the teacher and the student have different tokenizers, but the objective's {one_vocabulary} compare "
+            "their distributions token by token, which needs one vocabulary. Use aligned_kd or aligned_uld "
+            "(cross-tokenizer KD), or cross_entropy on the teacher's samples (sequence-level KD)."
+        )
+    for key in ("chunk_size",):
+        if int(config.get(key, 0) or 0):
+            raise ValueError(f"config.{key} > 0 is not supported with a teacher of another tokenizer; set it to 0.")
+    if "segments" in train:
+        raise ValueError("packed rows are not supported with a teacher of another tokenizer; set config.task.pack=0.")
+    if str(config.get("cache_teacher", "auto")).lower() == "true":
+        raise ValueError("cache_teacher=true is not supported with a teacher of another tokenizer; use 'auto'.")
+    if teacher_model is None:
+        return int(np.max(train["teacher_inputs"])) + 1
+    teacher_classes = models.num_outputs(teacher_model)
+    ids = np.where(train["teacher_valid"], train["teacher_inputs"], 0)
+    if ids.size and (ids.min() < 0 or ids.max() >= teacher_classes):
+        raise ValueError(f"the teacher's token ids lie in [{ids.min()}, {ids.max()}], outside its {teacher_classes} "
+                         "tokens: the data was tokenized with another teacher tokenizer.")
+    return teacher_classes
 
 
 def _jitter_images(key, batch: dict, *, max_shift: int) -> dict:

@@ -74,7 +74,7 @@ def teacher_outputs_of(batch: dict, teacher_apply: Callable | None, teacher_para
 
     Cached logits (``teacher_logits``), a cached top-k pair
     ``(teacher_top_values, teacher_top_indices)``, the teacher run on the
-    batch under ``stop_gradient``, or None (supervised).
+    batch's ``inputs`` keys under ``stop_gradient``, or None (supervised).
     """
     if "teacher_logits" in batch:
         return batch["teacher_logits"]
@@ -95,6 +95,7 @@ def make_train_step(
     batch_transform: Callable | None = None,
     projection: Callable | None = None,
     chunk_size: int = 0,
+    teacher_inputs: Sequence[str] | None = None,
 ) -> Callable:
     """Builds ``step(state, teacher_params, batch) -> (state, metrics)`` (not jitted).
 
@@ -117,9 +118,16 @@ def make_train_step(
         (:func:`distill_jax.objectives.chunked_from_spec`) from the models'
         hidden states and output heads in chunks of this many positions, so
         no ``[batch, seq, vocab]`` array of either model exists.
+      teacher_inputs: the batch keys passed to the teacher (default:
+        ``inputs``); a teacher with another tokenizer reads its own tokens
+        (``("teacher_inputs", "teacher_valid")``, see
+        :mod:`distill_jax.data.alignment`).
     """
     inputs = tuple(inputs)
+    teacher_inputs = inputs if teacher_inputs is None else tuple(teacher_inputs)
     if chunk_size:
+        if teacher_inputs != inputs:
+            raise ValueError("chunk_size > 0 needs a teacher of the student's tokenizer; set chunk_size=0.")
         return _chunked_train_step(student_apply, tx, objective, teacher_apply=teacher_apply, inputs=inputs,
                                    chunk_size=chunk_size)
 
@@ -128,7 +136,7 @@ def make_train_step(
         dropout_key, transform_key = jax.random.split(key)
         if batch_transform is not None:
             batch = batch_transform(transform_key, batch)
-        teacher_outputs = teacher_outputs_of(batch, teacher_apply, teacher_params, inputs)
+        teacher_outputs = teacher_outputs_of(batch, teacher_apply, teacher_params, teacher_inputs)
         mask = batch.get("mask")
         model_inputs = tuple(batch[k] for k in inputs)
 
