@@ -10,7 +10,7 @@ STAMP_DEV  := $(VENV)/.installed-dev
 
 STAMP_MUT  := $(VENV)/.installed-mutation
 
-.PHONY: mutation test reproduce reproduce-full reproduce-reasoning install install-dev benchmark clean
+.PHONY: mutation test reproduce reproduce-full reproduce-reasoning reproduce-crosstok install install-dev benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,11 @@ install-dev: $(STAMP_DEV)
 
 # The whole test suite. pytest exits non-zero on any failure, error or
 # collection error, and on "no tests collected" (exit 5), so CI fails loudly.
+# Two worker processes, one test file each at a time (module fixtures stay whole):
+# much of the suite is XLA compiling, which runs on one thread. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Mutation testing of the core with cosmic-ray (hours; resumable; not part of
 # `make test`): per-module scores in results/mutation.{md,json}, see docs/testing.md.
@@ -55,6 +58,12 @@ reproduce-full: $(STAMP_BASE)
 REASONING_PROFILE ?= full
 reproduce-reasoning: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce-reasoning --config experiments/reasoning_r1.py:$(REASONING_PROFILE) $(ARGS)
+
+# Cross-tokenizer distillation (a character-level teacher, a BPE student): ULD, aligned KD, sequence-level KD,
+# same-tokenizer reference; 5 paired seeds. CROSSTOK_PROFILE=smoke for the test suite's tiny run.
+CROSSTOK_PROFILE ?= full
+reproduce-crosstok: $(STAMP_BASE)
+	$(PY) -m distill_jax reproduce-crosstok --config experiments/crosstok_reasoning.py:$(CROSSTOK_PROFILE) $(ARGS)
 
 benchmark: $(STAMP_BASE)
 	$(PY) benchmarks/distill_step.py $(ARGS)

@@ -8,6 +8,7 @@ Commands:
   reproduce-full Hinton et al. section 3 in full (experiments/hinton_full.py): seeds,
                  temperature x width populations, transfer sets, plots
   reproduce-reasoning  the reasoning-distillation study (experiments/reasoning_r1.py)
+  reproduce-crosstok   cross-tokenizer distillation on the reasoning task (experiments/crosstok_reasoning.py)
   distill-lm     distil a Hugging Face teacher into a student on a JSONL file, written
                  back as a Hugging Face directory (--teacher --student --data --out; distill_jax.lm)
   generate       a Hugging Face model's completions of a JSONL file's prompts, as JSONL
@@ -32,7 +33,8 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-full", "reproduce-reasoning", "distill-lm",
+COMMANDS = ("train-teacher", "distill", "evaluate", "reproduce", "reproduce-full", "reproduce-reasoning",
+            "reproduce-crosstok", "distill-lm",
             "generate")
 LM_CONFIG = Path(__file__).resolve().parent / "lm.py"  # distill-lm's default --config
 
@@ -181,6 +183,11 @@ def _dispatch(command: str, fv: flags.FlagValues) -> int:
         reasoning_study.run_reasoning_study(
             config, results_dir=Path(fv.results), runs_root=Path(fv.runs), progress=fv.progress
         )
+        return 0
+    if command == "reproduce-crosstok":
+        from distill_jax.proj.crosstok import study as crosstok_study
+
+        crosstok_study.run_study(config, results_dir=Path(fv.results), runs_root=Path(fv.runs), progress=fv.progress)
         return 0
     if command == "reproduce":
         from distill_jax.proj.hinton import stages

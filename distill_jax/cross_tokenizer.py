@@ -20,13 +20,17 @@ no reduction, float32):
       + \lambda_s\, \underbrace{\mathrm{KL}\big(\mathrm{Bern}(P_T(x_g)) \,\|\, \mathrm{Bern}(P_S(x_g))\big)}_{\text{multi-token spans}}
 
   At the start of group ``g``, :math:`p_\cap` is the teacher's
-  distribution over the tokens both vocabularies spell the same way, with
-  one more entry for all its other tokens, mapped into the student's ids;
+  distribution over the tokens both vocabularies spell the same way,
+  renormalized over them and mapped into the student's ids, and
   :math:`q_\cap` the student's, likewise (:func:`losses.top_k_kd` with the
-  bucket tail: the shared tokens are the teacher's "kept" entries). Tokens
-  outside the shared part have no counterpart, so their renormalized
-  distributions are compared by their sorted probabilities (ULD). The span
-  term uses the chain rule: :math:`P_T(x_g) = \prod_{a \in g} p(t_a \mid
+  renormalize tail: the shared tokens are the teacher's "kept" entries).
+  Renormalized, not with a bucket for the rest: a teacher token is also a
+  prefix of longer student tokens (the teacher's ``+`` covers the
+  student's ``+0=``), so the two sides' masses outside the shared part are
+  not the same event, and matching them would push the student off its own
+  merged tokens. Tokens outside the shared part have no counterpart, so
+  their renormalized distributions are compared by their sorted
+  probabilities (ULD). The span term uses the chain rule: :math:`P_T(x_g) = \prod_{a \in g} p(t_a \mid
   \ldots)` is the teacher's probability of the group's whole text over its
   own tokens, :math:`P_S(x_g)` the student's over its tokens, compared as
   a binary distribution (the text continues with :math:`x_g` or not). It
@@ -128,7 +132,7 @@ def span_kl(student_logits, teacher_logits, batch: Mapping[str, Array], *, where
 
 def aligned_kd(student_logits, teacher_logits, batch: Mapping[str, Array], shared_student: Array,
                shared_teacher: Array, temperature=1.0, *, uld_weight: float = 1.0, span_weight: float = 1.0,
-               where: Array | None = None) -> Array:
+               tail: str = "renormalize", where: Array | None = None) -> Array:
     """The hybrid cross-tokenizer loss (module docstring), per student token ``[B, L]``; 0 away from group starts.
 
     Args:
@@ -140,6 +144,9 @@ def aligned_kd(student_logits, teacher_logits, batch: Mapping[str, Array], share
         vocabularies spell the same (:func:`alignment.shared_vocabulary`).
       temperature: T of the shared-vocabulary KL and of ULD.
       uld_weight, span_weight: the weights of the ULD and span terms.
+      tail: ``"renormalize"`` (the default, see the module docstring) or
+        ``"bucket"`` (the mass outside the shared tokens as one more entry
+        on each side: GOLD's exact-match part taken literally; an ablation).
       where: ``[B, L]`` student tokens that take part (the loss mask).
     """
     temperature = losses._temperature(temperature)
@@ -151,7 +158,7 @@ def aligned_kd(student_logits, teacher_logits, batch: Mapping[str, Array], share
     log_p, _ = losses.masked_log_softmax(at / temperature)
     values = jnp.take(log_p, shared_teacher, axis=-1)
     indices = jnp.broadcast_to(shared_student, values.shape)
-    shared = losses.top_k_kd(s, values, indices, temperature, tail="bucket", where=rows[..., None])
+    shared = losses.top_k_kd(s, values, indices, temperature, tail=tail, where=rows[..., None])
     loss = jnp.where(rows, shared, 0.0)
     if uld_weight:
         rest_s = jnp.ones(s.shape[-1], bool).at[shared_student].set(False)
@@ -182,6 +189,9 @@ def make_term(loss: str, *, student_tokenizer: str, teacher_tokenizer: str, **kw
     losses._check_temperature(kwargs.get("temperature", 1.0))
     if loss == "aligned_kd":
         vocab = alignment.shared_vocabulary(text.load_tokenizer(student_tokenizer), text.load_tokenizer(teacher_tokenizer))
+        if len(vocab) < 2:
+            raise ValueError(f"the two tokenizers share {len(vocab)} token(s): too few for aligned_kd's shared-vocabulary "
+                             "KL. Use aligned_uld.")
         fn = functools.partial(aligned_kd, shared_student=vocab.student_ids, shared_teacher=vocab.teacher_ids, **kwargs)
     else:
         fn = functools.partial(aligned_uld, **kwargs)

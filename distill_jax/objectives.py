@@ -284,6 +284,9 @@ def chunked_from_spec(spec: Mapping[str, Mapping[str, Any]], *, chunk_size: int)
     for name, entry in dict(spec).items():
         entry = dict(entry)
         loss_name = entry.pop("loss", None)
+        if loss_name in ("aligned_kd", "aligned_uld"):
+            raise ValueError(f"objective term {name!r}: {loss_name} (a teacher of another tokenizer) has no chunked "
+                             "form; set config.chunk_size=0.")
         if loss_name not in LOSSES:
             raise ValueError(f"objective term {name!r}: unknown loss {loss_name!r}; choose one of {sorted(LOSSES)}.")
         if loss_name == "decoupled_kd":

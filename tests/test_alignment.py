@@ -217,8 +217,8 @@ def test_aligned_kd_against_a_numpy_reference_across_tokenizers():
             a = b["align_teacher_pos"][r, pos]
             q, p = np.exp(ls[r, pos]), np.exp(lt[r, a])
             p_k, q_k = p[vocab.teacher_ids], q[vocab.student_ids]
-            p_all, q_all = np.append(p_k, 1 - p_k.sum()), np.append(q_k, 1 - q_k.sum())
-            want = np.sum(p_all * (np.log(p_all) - np.log(q_all)))
+            p_k, q_k = p_k / p_k.sum(), q_k / q_k.sum()  # renormalized over the shared tokens
+            want = np.sum(p_k * (np.log(p_k) - np.log(q_k)))
             q_r, p_r = np.sort(q[rest_s] / q[rest_s].sum())[::-1], np.sort(p[rest_t] / p[rest_t].sum())[::-1]
             width = max(len(q_r), len(p_r))
             want += np.abs(np.pad(q_r, (0, width - len(q_r))) - np.pad(p_r, (0, width - len(p_r)))).sum()
@@ -299,3 +299,8 @@ def test_a_token_by_token_loss_is_refused_for_two_vocabularies(tmp_path):
     plain = text.encode_examples(tok["chars"], ROWS * 4, max_len=48)
     with pytest.raises(ValueError, match="the data is not aligned"):
         training.run(config, tmp_path / "run", datasets={"train": plain, "test": plain}, progress=False)
+
+
+def test_cross_tokenizer_losses_have_no_chunked_form():
+    with pytest.raises(ValueError, match="no chunked form; set config.chunk_size=0"):
+        objectives.chunked_from_spec({"kd": {"loss": "aligned_kd"}}, chunk_size=8)

@@ -35,6 +35,7 @@ few sharp edges for offline use that this module files down.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import importlib.util
 import logging
@@ -302,8 +303,22 @@ def prepare(
     if builder.is_prepared():
         return builder
     check_prepare_dependencies()
-
     data_root = Path(builder.data_dir_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    # Several processes may ask at once (parallel test workers, runs started together): one prepares, the others
+    # wait for it and then read what it wrote, instead of writing the same files at the same time.
+    with open(data_root / f".{name}.prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = tfds.builder(name, data_dir=None if root is None else os.fspath(root))
+        if builder.is_prepared():
+            return builder
+        return _prepare_unlocked(builder, name, data_root, manual_dir)
+
+
+def _prepare_unlocked(builder, name: str, data_root: Path, manual_dir):
+    """The body of :func:`prepare`, run by the one process that holds the lock."""
+    import tensorflow_datasets as tfds
+
     # Trap 1: one extraction folder per dataset, never the shared default.
     extract_dir = data_root / "downloads" / "extracted" / name
     source, rejected = find_manual_dir(name, data_root, manual_dir, _expected_files(builder))

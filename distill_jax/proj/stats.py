@@ -73,3 +73,17 @@ def bootstrap_ci(
     tail = (1 - level) / 2
     return {"mean": float(m.mean()), "low": float(np.quantile(means, tail)), "high": float(np.quantile(means, 1 - tail)),
             "n_seeds": int(s), "n_problems": int(p)}
+
+
+def to_bits(correct) -> str:
+    """Per-problem scores (true/false) as a compact string of ``0``/``1``, as the studies store them.
+
+    >>> to_bits([True, False, True]), from_bits("101").tolist()
+    ('101', [True, False, True])
+    """
+    return "".join("1" if c else "0" for c in correct)
+
+
+def from_bits(bits: str) -> np.ndarray:
+    """The boolean array of :func:`to_bits`' string."""
+    return np.frombuffer(bits.encode(), np.uint8) == ord("1")

@@ -62,7 +62,7 @@ from flax import serialization
 from distill_jax.models.transformer import TransformerConfig
 from distill_jax.proj.reasoning import sequence as seq
 from distill_jax.proj.reasoning import task as reasoning
-from distill_jax.proj.stats import bootstrap_ci
+from distill_jax.proj.stats import bootstrap_ci, from_bits, to_bits
 from distill_jax.training import rundir
 from distill_jax.training.checkpoint import CheckpointMismatchError
 
@@ -124,14 +124,6 @@ def _pass_at_k(model, params, problems, task, batch_size, *, k, temperature, key
     """Per-problem: is any of k samples at ``temperature`` correct."""
     out = _generate(model, params, problems, task, batch_size, key=key, temperature=temperature, num_samples=k)
     return np.array([any(reasoning.verify(p, s) for s in ss) for p, ss in zip(problems, out)], bool)
-
-
-def _bits(correct: np.ndarray) -> str:
-    return "".join("1" if c else "0" for c in correct)
-
-
-def _unbits(bits: str) -> np.ndarray:
-    return np.frombuffer(bits.encode(), np.uint8) == ord("1")
 
 
 def _choose_on_val(model, checkpoints, task, batch_size) -> tuple[int, Any, list]:
@@ -201,8 +193,8 @@ def _shared_stage(config, task: _Task, study_dir: Path, log) -> dict[str, Any]:
         params[strength] = p
         row = {"step": step, "val": curve[index][1], "weak_range": list(c.teacher.weak_range)}
         for split in ("test", "ood"):
-            row[f"{split}_correct"] = _bits(_greedy_correct(model, p, task.splits[split], task, batch))
-            row[f"{split}_pass@{k}_correct"] = _bits(_pass_at_k(model, p, task.splits[split], task, batch, k=k,
+            row[f"{split}_correct"] = to_bits(_greedy_correct(model, p, task.splits[split], task, batch))
+            row[f"{split}_pass@{k}_correct"] = to_bits(_pass_at_k(model, p, task.splits[split], task, batch, k=k,
                                                                 temperature=float(e.pass_temperature), key=17))
         meta["teachers"][strength] = row
         # Pools: greedy outputs (no verifier), K samples filtered by the answer, and by answer + trace.
@@ -230,7 +222,7 @@ def _shared_stage(config, task: _Task, study_dir: Path, log) -> dict[str, Any]:
                 "wall_s": round(time.perf_counter() - t0, 1),
             },
         }
-        log(f"teacher {strength} (step {step}): val {row['val']:.3f}, test {_unbits(row['test_correct']).mean():.3f}; "
+        log(f"teacher {strength} (step {step}): val {row['val']:.3f}, test {from_bits(row['test_correct']).mean():.3f}; "
             f"pools {', '.join(f'{n} {len(pools[n])}' for n in POOLS)}")
     rundir.write_json(meta_file, meta, indent=None)
     params_file.write_bytes(serialization.msgpack_serialize(params))
@@ -261,9 +253,9 @@ class _Runner:
         row = {"step": step, "val": dict(curve)[step], "val_curve": curve, "train_wall_s": round(train_s, 1),
                "train_examples": int(len(data["inputs"])), "final_loss": history["final_loss"]}
         for split in ("test", "ood"):
-            row[f"{split}_correct"] = _bits(_greedy_correct(self.student, params, self.task.splits[split], self.task, batch))
+            row[f"{split}_correct"] = to_bits(_greedy_correct(self.student, params, self.task.splits[split], self.task, batch))
         self.rows[name], self.params[name] = row, params
-        self.log(f"seed {self.seed} {name}: val {row['val']:.3f} (step {step}), test {_unbits(row['test_correct']).mean():.3f} "
+        self.log(f"seed {self.seed} {name}: val {row['val']:.3f} (step {step}), test {from_bits(row['test_correct']).mean():.3f} "
                  f"({train_s:.0f} s)")
         return params
 
@@ -374,7 +366,7 @@ def _matrix(per_seed: Sequence[Mapping], name: str, key: str) -> np.ndarray | No
     """``[seeds, problems]`` 0/1 scores of one row (None unless every seed has it: pairing needs all)."""
     if not all(name in r["rows"] for r in per_seed):
         return None
-    return np.stack([_unbits(r["rows"][name][key]) for r in per_seed]).astype(np.float64)
+    return np.stack([from_bits(r["rows"][name][key]) for r in per_seed]).astype(np.float64)
 
 
 def summarize(shared: Mapping[str, Any], per_seed: Sequence[Mapping], task: _Task, config) -> dict[str, Any]:
@@ -383,7 +375,7 @@ def summarize(shared: Mapping[str, Any], per_seed: Sequence[Mapping], task: _Tas
     teachers = {}
     for strength, t in shared["teachers"].items():
         teachers[strength] = {"step": t["step"], "val": t["val"]} | {
-            f"{split}{suffix}": bootstrap_ci(_unbits(t[f"{split}{suffix}_correct"]))
+            f"{split}{suffix}": bootstrap_ci(from_bits(t[f"{split}{suffix}_correct"]))
             for split in ("test", "ood") for suffix in ("", f"_pass@{k}")}
     lengths = np.array([max(reasoning.operand_lengths(p)) for p in task.splits["test"]])
     names = [n for n in per_seed[0]["rows"] if all(n in r["rows"] for r in per_seed)]
@@ -401,8 +393,8 @@ def summarize(shared: Mapping[str, Any], per_seed: Sequence[Mapping], task: _Tas
         strength = name.split("_")[0]
         if strength in shared["teachers"]:
             t = shared["teachers"][strength]
-            rows[name]["minus_teacher"] = bootstrap_ci(test - _unbits(t["test_correct"]))
-            rows[name][f"minus_teacher_pass@{k}"] = bootstrap_ci(test - _unbits(t[f"test_pass@{k}_correct"]))
+            rows[name]["minus_teacher"] = bootstrap_ci(test - from_bits(t["test_correct"]))
+            rows[name][f"minus_teacher_pass@{k}"] = bootstrap_ci(test - from_bits(t[f"test_pass@{k}_correct"]))
     comparisons = {}
 
     def diff(label, a, b):
