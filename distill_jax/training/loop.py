@@ -638,9 +638,8 @@ def _check_cross_tokenizer(config: Mapping[str, Any], train: Mapping[str, np.nda
             "their distributions token by token, which needs one vocabulary. Use aligned_kd or aligned_uld "
             "(cross-tokenizer KD), or cross_entropy on the teacher's samples (sequence-level KD)."
         )
-    for key in ("chunk_size",):
-        if int(config.get(key, 0) or 0):
-            raise ValueError(f"config.{key} > 0 is not supported with a teacher of another tokenizer; set it to 0.")
+    if int(config.get("chunk_size", 0) or 0):
+        raise ValueError("config.chunk_size > 0 is not supported with a teacher of another tokenizer; set it to 0.")
     if "segments" in train:
         raise ValueError("packed rows are not supported with a teacher of another tokenizer; set config.task.pack=0.")
     if str(config.get("cache_teacher", "auto")).lower() == "true":
