@@ -22,8 +22,8 @@ and writes results/benchmark_population_stage.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,14 +38,10 @@ from distill_jax.proj.hinton import full as hinton
 from distill_jax.training import checkpoint as ckpt
 from distill_jax.training import population
 
+sys.path.insert(0, str(Path(__file__).parent))
+from population import _config  # noqa: E402  (benchmarks/population.py: experiments/hinton_full.py's full profile)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _config():
-    spec = importlib.util.spec_from_file_location("hinton_full", REPO / "experiments" / "hinton_full.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("full")
 
 
 def _timed(fn):

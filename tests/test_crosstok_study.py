@@ -1,10 +1,6 @@
 """The cross-tokenizer study (distill_jax/proj/crosstok): its tokenizers, and the smoke profile end to end."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +8,7 @@ import pytest
 from distill_jax.data import alignment, text
 from distill_jax.proj.crosstok import study
 from distill_jax.proj.reasoning import task as R
-
-REPO = Path(__file__).parent.parent
-# As in test_reasoning_study: XLA's cheaper CPU optimization levels cut the smoke run's compile time.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
+from study_cli import run_study
 
 def test_the_two_tokenizers_cut_the_task_differently_and_share_its_characters():
     problems = R.make_problems(np.random.default_rng(0), 200)
@@ -32,10 +24,7 @@ def test_the_two_tokenizers_cut_the_task_differently_and_share_its_characters():
 
 
 def _study(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "distill_jax", "reproduce-crosstok", "--config=experiments/crosstok_reasoning.py:smoke",
-           f"--runs={tmp_path / 'runs'}", f"--results={tmp_path / 'results'}", "--noprogress", *overrides]
-    env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return run_study("reproduce-crosstok", "experiments/crosstok_reasoning.py:smoke", tmp_path, *overrides)
 
 
 @pytest.mark.slow

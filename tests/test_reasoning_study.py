@@ -1,10 +1,6 @@
 """The reasoning-distillation study: its parts (strength picks, verifiers, splits, intervals) and the smoke profile end to end."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +8,7 @@ import pytest
 from distill_jax.proj import stats
 from distill_jax.proj.reasoning import study
 from distill_jax.proj.reasoning import task as R
-
-REPO = Path(__file__).parent.parent
-# The smoke study compiles ~15 small programs; XLA's cheaper CPU optimization
-# levels cut its compile time about 4x (set in the child: XLA reads them at start).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from study_cli import run_study
 
 
 # ------------------------------------------------------------------ parts
@@ -94,10 +86,7 @@ def test_bootstrap_interval_matches_the_binomial_width_and_pairs_differences():
 
 
 def _study(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "distill_jax", "reproduce-reasoning", "--config=experiments/reasoning_r1.py:smoke",
-           f"--results={tmp_path / 'results'}", f"--runs={tmp_path / 'runs'}", "--noprogress", *overrides]
-    env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return run_study("reproduce-reasoning", "experiments/reasoning_r1.py:smoke", tmp_path, *overrides)
 
 
 @pytest.mark.slow
