@@ -100,7 +100,7 @@ def test_reproduce_full_smoke_profile_runs_every_stage_and_refuses_a_changed_con
     mnist = summary["datasets"]["mnist"]
     assert [t["seed"] for t in mnist["teacher"]["per_seed"]] == [0, 1]
     rows = mnist["students"]["30"]["rows"]
-    assert set(rows) == {"hard", "T2", "T20"}
+    assert set(rows) == {"hard", "T2", "T2.5", "T20"}  # the 2x30 grid of temperatures_by_width
     for row in rows.values():
         stat = row["test_errors"]
         assert len(stat["values"]) == 2 and stat["mean"] == pytest.approx(np.mean(stat["values"]), abs=0.01)
@@ -112,12 +112,22 @@ def test_reproduce_full_smoke_profile_runs_every_stage_and_refuses_a_changed_con
         assert all(row["shift"] in grid for row in transfer["per_seed"])
     # The omitted-3 students never saw a 3 in training.
     assert mnist["transfer"]["omit_3"]["class_count"] == 1010
+    # Patient and consistent teaching: the teacher of the same seed in the loop, on jittered images.
+    patient = mnist["patient"]
+    assert [p["seed"] for p in patient["per_seed"]] == [0, 1] and patient["test_errors"]["n"] == 2
+    for p in patient["per_seed"]:
+        run_config = json.loads((Path(p["workdir"]) / "config.json").read_text())
+        run_config = run_config.get("config", run_config)
+        assert run_config["jitter"] == 2 and run_config["cache_teacher"] == "false"
+        assert run_config["teacher"]["checkpoint"].endswith(f"teacher_seed{p['seed']}")
+        assert run_config["model"]["hidden"] == [30, 30]
     soft = mnist["dark_knowledge"]["soft_targets"]
     assert set(soft) == {"1", "4", "20"} and all(abs(sum(p) - 1) < 1e-4 for t in soft.values() for p in t)
     for png in ("hinton_smoke_temperature_mnist.png", "hinton_smoke_dark_knowledge_mnist.png"):
         assert (results / png).stat().st_size > 10_000
     table = (results / "hinton_smoke.md").read_text()
     assert "### Temperature vs capacity, MNIST" in table and table in out.stdout
+    assert "### Every seed, MNIST" in table and "- patient − T=20:" in table
 
     # Re-running with another student budget must not silently mix checkpoints.
     changed = subprocess.run(base + ["--config.epochs.mnist=(1, 2)"], cwd=REPO, capture_output=True, text=True,

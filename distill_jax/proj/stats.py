@@ -75,6 +75,39 @@ def bootstrap_ci(
             "n_seeds": int(s), "n_problems": int(p)}
 
 
+def paired_t_interval(a, b, *, level: float = 0.95, digits: int | None = None) -> dict:
+    """Mean of the per-seed differences ``a - b`` with a Student-t interval.
+
+    ``a`` and ``b`` are one value per seed, the same seeds in the same order
+    (a student and its twin trained from the same seed and teacher). Returns
+    ``{"mean", "low", "high", "n"}``; with one seed the interval is NaN.
+
+    >>> out = paired_t_interval([88, 84, 97], [148, 139, 127])
+    >>> out["mean"], round(out["low"], 1), round(out["high"], 1)
+    (-48.333333333333336, -88.3, -8.4)
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired values need two equal-length 1-D lists (one value per seed), got {a.shape} and {b.shape}.")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("paired values hold NaN or inf: drop that seed from both lists instead.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    from scipy import stats as scipy_stats
+
+    d = a - b
+    n = d.size
+    mean = float(d.mean())
+    if n < 2:
+        low = high = float("nan")
+    else:
+        half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
+        low, high = mean - half, mean + half
+    if digits is not None:
+        mean, low, high = round(mean, digits), round(low, digits), round(high, digits)
+    return {"mean": mean, "low": low, "high": high, "n": int(n)}
+
+
 def to_bits(correct) -> str:
     """Per-problem scores (true/false) as a compact string of ``0``/``1``, as the studies store them.
 

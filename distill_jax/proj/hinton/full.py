@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from distill_jax import data as data_lib
 from distill_jax import models, objectives, training
+from distill_jax.proj.hinton import recipes
 from distill_jax.proj.hinton import report as hinton_report
 from distill_jax.proj import stats
 from distill_jax.training import checkpoint as ckpt
@@ -67,17 +68,59 @@ def teacher_config(config, dataset: str, seed: int) -> ml_collections.ConfigDict
     return c
 
 
-def student_members(config) -> list[dict[str, Any]]:
-    """The members of one width's population: per seed, a hard-label student and one per T."""
+def temperatures_for(config, width: int | None = None) -> tuple[float, ...]:
+    """The temperature grid of one width: ``config.temperatures_by_width[str(width)]`` or ``config.temperatures``."""
+    by_width = config.get("temperatures_by_width") or {}
+    grid = by_width.get(str(width), config.temperatures) if width is not None else config.temperatures
+    return tuple(float(t) for t in grid)
+
+
+def student_members(config, width: int | None = None) -> list[dict[str, Any]]:
+    """The members of one width's population: per seed, a hard-label student and one per T of its grid."""
     members = []
     for seed_index, seed in enumerate(config.seeds):
         members.append({"kind": "hard", "seed": int(seed), "teacher_index": seed_index,
                         "temperature": 1.0, "soft_weight": 0.0, "hard_weight": 1.0})
-        for temperature in config.temperatures:
+        for temperature in temperatures_for(config, width):
             members.append({"kind": "distilled", "seed": int(seed), "teacher_index": seed_index,
                             "temperature": float(temperature), "soft_weight": 1.0,
                             "hard_weight": float(config.hard_weight)})
     return members
+
+
+def patient_config(config, dataset: str, seed: int, teacher_dir: str) -> ml_collections.ConfigDict:
+    """The run config of one patient-and-consistent student (Beyer et al. 2022).
+
+    The T=20 row's student and objective, but every batch is jittered and the
+    teacher runs in the loop on those very images (no cache), for
+    ``config.patient.epochs`` epochs.
+    """
+    p = config.patient
+    c = recipes.hinton_student(int(p.epochs), temperature=float(p.temperature),
+                               hidden=(int(p.width), int(p.width)), dataset=dataset,
+                               hard_weight=float(config.hard_weight), teacher_checkpoint=str(teacher_dir))
+    c.seed = int(seed)
+    c.jitter = int(p.jitter)
+    c.cache_teacher = "false"
+    if config.get("subset"):
+        c.transfer.subset = int(config.subset)
+    return c
+
+
+def train_patient(config, study_dir: Path, dataset: str, teacher_dirs: Sequence[str], *,
+                  progress: bool = True) -> list[dict]:
+    """Trains (or reuses, or resumes) one patient-and-consistent student per seed; returns their results."""
+    if len(teacher_dirs) != len(config.seeds):
+        raise ValueError(f"{len(teacher_dirs)} teachers for {len(config.seeds)} seeds; one teacher per seed is needed.")
+    out = []
+    for seed, teacher_dir in zip(config.seeds, teacher_dirs):
+        workdir = Path(study_dir) / dataset / f"patient_seed{seed}"
+        results = training.run(patient_config(config, dataset, seed, teacher_dir), workdir, resume=True,
+                               progress=progress)
+        results.pop("params", None)
+        out.append({"seed": int(seed), "workdir": str(workdir), "test_errors": int(results["test"]["errors"]),
+                    "epochs": int(results["epochs"]), "wall_time_s": round(rundir.training_time_s(workdir), 1)})
+    return out
 
 
 def transfer_members(config) -> list[dict[str, Any]]:
@@ -327,22 +370,29 @@ def run_dataset(config, study_dir: Path, dataset: str, *, progress: bool = True)
     }
     cache = teacher_logits(teacher_dirs, splits["train"].images)
     for width in config.widths:
-        members = student_members(config)
+        members = student_members(config, width)
         run = train_population(
             config, Path(study_dir) / dataset / f"students_w{width}", width=width, members=members,
             train=splits["train"], cached_logits=cache, num_epochs=student_epochs,
             eval_splits={"test": splits["test"]}, progress=progress)
         errors = np.asarray(run["evaluation"]["test"]["errors"])
         rows = {}
-        for key in ["hard"] + [f"T{_fmt_t(t)}" for t in config.temperatures]:
+        for key in ["hard"] + [f"T{_fmt_t(t)}" for t in temperatures_for(config, width)]:
             picked = [i for i, m in enumerate(members) if _member_key(m) == key]
             rows[key] = {"test_errors": _mean_std(errors[picked]),
                          "seeds": [members[i]["seed"] for i in picked]}
         out["students"][str(width)] = {"rows": rows, "epochs": student_epochs, "wall_time_s": run["wall_time_s"],
                                        "members": len(members)}
     del cache
-    transfer_cache = teacher_logits(teacher_dirs, splits["transfer_train"].images)
-    for name in ("omit_3", "only_7_8"):
+    if config.get("patient"):
+        patient = train_patient(config, study_dir, dataset, teacher_dirs, progress=progress)
+        out["patient"] = {"test_errors": _mean_std([p["test_errors"] for p in patient]), "per_seed": patient,
+                          "epochs": int(config.patient.epochs), "width": int(config.patient.width),
+                          "temperature": float(config.patient.temperature), "jitter": int(config.patient.jitter),
+                          "wall_time_s": round(sum(p["wall_time_s"] for p in patient), 1)}
+    transfer_sets = tuple(config.get("transfer_sets", ("omit_3", "only_7_8")))
+    transfer_cache = teacher_logits(teacher_dirs, splits["transfer_train"].images) if transfer_sets else None
+    for name in transfer_sets:
         spec = config.transfer[name]
         keep = np.ones(len(splits["transfer_train"].labels), bool)
         if spec.drop_classes:
