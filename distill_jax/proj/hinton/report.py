@@ -193,6 +193,9 @@ def teacher_label(teacher: Mapping[str, Any]) -> str:
     """The main table's name of the teacher recipe, from the study config's ``teacher``."""
     model = teacher.get("model", {})
     jitter = f" + {teacher['jitter']}-px jitter" if teacher.get("jitter") else ""
+    if model.get("name") == "cnn":
+        features = "+".join(str(f) for f in model.get("features", ()))
+        return f"teacher CNN (3x3 conv {features} channels, 2x2 max-pool, {model.get('dense')} dense), dropout{jitter}"
     hidden = model.get("hidden") or [1200, 1200]
     return f"teacher {len(hidden)}x{hidden[0]}, dropout + max-norm{jitter}"
 
