@@ -50,7 +50,8 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def profile(width: int, members, train, test, cached, epochs: int, batch_size: int, optimizer) -> dict:
+def profile(width: int, members, train, test, cached, epochs: int, batch_size: int, optimizer,
+            member_axis: str = "vmap") -> dict:
     model = models.create({"name": "mlp", "hidden": (width, width), "num_classes": 10})
     steps = train.images.shape[0] // batch_size
     tx = training.make_optimizer(optimizer, steps, epochs)
@@ -60,9 +61,21 @@ def profile(width: int, members, train, test, cached, epochs: int, batch_size: i
     member_data = {"teacher_logits": cached[np.asarray([m["teacher_index"] for m in members])]}
     shared = {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels, jnp.int32)}
     make_step = hinton.member_step_factory(model, tx)
-    epoch_fn = population.make_population_epoch(make_step, batch_size=batch_size)
+    epoch_fn = population.make_population_epoch(make_step, batch_size=batch_size, member_axis=member_axis)
     states = population.init_population(model, (1, 28, 28, 1), tx, [m["seed"] for m in members])
     evaluate = population.population_map(training.make_evaluate(model.apply, num_classes=10, batch_size=1000))
+    # One student, as a 1-member population and as an ordinary single run, timed
+    # right after each population epoch: this machine's speed drifts by 10-15 %
+    # over minutes, so only epochs measured side by side are compared.
+    one = members[:1]
+    one_h = {k: v[:1] for k, v in hparams.items()}
+    one_data = {"teacher_logits": member_data["teacher_logits"][:1]}
+    one_states = population.init_population(model, (1, 28, 28, 1), tx, [one[0]["seed"]])
+    single_epoch = training.make_train_epoch(make_step({k: v[0] for k, v in hparams.items()}), batch_size=batch_size)
+    init_key, state_key = population.seed_keys(one[0]["seed"])
+    state = training.create_train_state(models.init_params(model, init_key, (1, 28, 28, 1)), tx, state_key)
+    single_data = dict(shared, teacher_logits=member_data["teacher_logits"][0])
+    one_times, single_times = [], []
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ckpt.manager(Path(tmp) / "checkpoints") as mngr:
         for epoch in range(epochs):
@@ -76,29 +89,17 @@ def profile(width: int, members, train, test, cached, epochs: int, batch_size: i
             t_ckpt = time.perf_counter() - t0
             rows.append({"epoch": epoch + 1, "train_s": t_train, "to_device_s": t_move, "evaluate_s": t_eval,
                          "checkpoint_s": t_ckpt})
-
-    # One student: as a 1-member population, and as an ordinary single run.
-    one = members[:1]
-    one_h = {k: v[:1] for k, v in hparams.items()}
-    one_data = {"teacher_logits": member_data["teacher_logits"][:1]}
-    one_states = population.init_population(model, (1, 28, 28, 1), tx, [one[0]["seed"]])
-    single_epoch = training.make_train_epoch(make_step({k: v[0] for k, v in hparams.items()}), batch_size=batch_size)
-    init_key, state_key = population.seed_keys(one[0]["seed"])
-    state = training.create_train_state(models.init_params(model, init_key, (1, 28, 28, 1)), tx, state_key)
-    single_data = dict(shared, teacher_logits=member_data["teacher_logits"][0])
-    one_times, single_times = [], []
-    for epoch in range(epochs):
-        (one_states, _), t = _timed(lambda: epoch_fn(one_states, one_h, one_data, shared, np.asarray(epoch, np.int32)))
-        one_times.append(t)
-        (state, _), t = _timed(lambda: single_epoch(state, None, single_data, np.asarray(epoch, np.int32)))
-        single_times.append(t)
+            (one_states, _), t = _timed(lambda: epoch_fn(one_states, one_h, one_data, shared, np.asarray(epoch, np.int32)))
+            one_times.append(t)
+            (state, _), t = _timed(lambda: single_epoch(state, None, single_data, np.asarray(epoch, np.int32)))
+            single_times.append(t)
     n = train.images.shape[0] // batch_size * batch_size
     steady = rows[1:] or rows
     mean = {k: float(np.mean([r[k] for r in steady])) for k in ("train_s", "to_device_s", "evaluate_s", "checkpoint_s")}
     total = sum(mean.values())
     later = lambda xs: float(np.mean(xs[1:] or xs))
     return {
-        "width": width, "students": len(members), "examples_per_epoch": n, "epochs": rows,
+        "width": width, "member_axis": member_axis, "students": len(members), "examples_per_epoch": n, "epochs": rows,
         "steady_epoch_s": mean, "share_of_epoch": {k: v / total for k, v in mean.items()},
         "population_student_samples_per_s": len(members) * n / mean["train_s"],
         "one_member_population_samples_per_s": n / later(one_times),
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=800)
     parser.add_argument("--examples", type=int, default=55000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--member-axis", default="vmap", choices=population.MEMBER_AXES)
     parser.add_argument("--out", default=str(REPO / "results" / "benchmark_population_stage.json"))
     args = parser.parse_args()
     config = _config()
@@ -120,9 +122,9 @@ def main() -> None:
     test = data_lib.load_split("mnist", "test")
     cached = jax.random.normal(jax.random.PRNGKey(0), (len(config.seeds), args.examples, 10)) * 5.0
     row = profile(args.width, members, train, test, cached, args.epochs, int(config.student.batch_size),
-                  config.student.optimizer)
+                  config.student.optimizer, args.member_axis)
     s, share = row["steady_epoch_s"], row["share_of_epoch"]
-    print(f"2x{args.width}, {row['students']} students, {row['examples_per_epoch']} examples per epoch "
+    print(f"2x{args.width}, member_axis={args.member_axis}, {row['students']} students, {row['examples_per_epoch']} examples per epoch "
           f"(epochs 2..{args.epochs}, mean):")
     print("| part | s per epoch | share |")
     print("|---|---:|---:|")
@@ -133,7 +135,7 @@ def main() -> None:
     print(f"student-samples/s: population {pop:,.0f}; one student as a 1-member population {one:,.0f}; "
           f"as a single run {single:,.0f} (population / single run = {pop / single:.2f})")
     out = {**row, "command": f"python benchmarks/population_stage_profile.py --width {args.width} "
-           f"--examples {args.examples} --epochs {args.epochs}", "devices": [str(d) for d in jax.devices()]}
+           f"--examples {args.examples} --epochs {args.epochs} --member-axis {args.member_axis}", "devices": [str(d) for d in jax.devices()]}
     Path(args.out).write_text(json.dumps(out, indent=2))
 
 

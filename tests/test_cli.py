@@ -101,6 +101,10 @@ def test_reproduce_full_smoke_profile_runs_every_stage_and_refuses_a_changed_con
     assert [t["seed"] for t in mnist["teacher"]["per_seed"]] == [0, 1]
     rows = mnist["students"]["30"]["rows"]
     assert set(rows) == {"hard", "T2", "T2.5", "T20"}  # the 2x30 grid of temperatures_by_width
+    from distill_jax.training import checkpoint as ckpt
+
+    population_meta = ckpt.read_meta(tmp_path / "runs" / "hinton_smoke" / "mnist" / "students_w30" / "checkpoints")
+    assert population_meta["config"]["member_axis"] == "map"  # member_axis_by_width={"30": "map"}, recorded
     for row in rows.values():
         stat = row["test_errors"]
         assert len(stat["values"]) == 2 and stat["mean"] == pytest.approx(np.mean(stat["values"]), abs=0.01)

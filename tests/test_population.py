@@ -33,7 +33,8 @@ def _make_step(model, tx):
     return make_step
 
 
-def test_each_member_equals_its_own_single_run():
+@pytest.mark.parametrize("member_axis", population.MEMBER_AXES)
+def test_each_member_equals_its_own_single_run(member_axis):
     images, labels, teacher_logits = _data()
     model, tx = _model(), optax.adam(1e-2)
     members = [  # (seed, teacher, T, soft weight, hard weight)
@@ -45,7 +46,7 @@ def test_each_member_equals_its_own_single_run():
                "soft_weight": np.array([m[3] for m in members], np.float32),
                "hard_weight": np.array([m[4] for m in members], np.float32)}
     states = population.init_population(model, (1, 28, 28, 1), tx, [m[0] for m in members])
-    epoch = population.make_population_epoch(_make_step(model, tx), batch_size=40)
+    epoch = population.make_population_epoch(_make_step(model, tx), batch_size=40, member_axis=member_axis)
     member_data = {"teacher_logits": jnp.asarray(teacher_logits[[m[1] for m in members]])}
     shared = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     for e in range(2):
@@ -68,6 +69,11 @@ def test_each_member_equals_its_own_single_run():
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(state.params)):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(metrics["loss"][i], single_metrics["loss"], rtol=1e-4)
+
+
+def test_an_unknown_member_axis_is_refused():
+    with pytest.raises(ValueError, match="member_axis='pmap'"):
+        population.make_population_epoch(_make_step(_model(), optax.adam(1e-2)), batch_size=40, member_axis="pmap")
 
 
 def _largest_leaf(tree):

@@ -87,11 +87,15 @@ def check_hparams(hparams: Mapping[str, Any], size: int) -> dict[str, jax.Array]
     return out
 
 
+MEMBER_AXES = ("vmap", "map")
+
+
 def make_population_epoch(
     make_step: Callable[[Mapping[str, jax.Array]], Callable],
     *,
     batch_size: int,
     num_examples: int | None = None,
+    member_axis: str = "vmap",
 ) -> Callable:
     """Jits ``epoch(states, hparams, member_data, shared_data, epoch) -> (states, metrics)``.
 
@@ -99,14 +103,33 @@ def make_population_epoch(
     member's (traced) hyperparameters. ``member_data`` arrays have a leading
     member axis; ``shared_data`` (with ``"label"``) do not. Metrics come back
     per member, ``[members]``. The states are donated.
+
+    ``member_axis`` says how the members share the program:
+
+    * ``"vmap"``: every step updates all members at once (batched matmuls).
+      Best for narrow students, whose small matmuls and per-step overheads it
+      amortizes.
+    * ``"map"``: ``lax.map`` over members, each running the very scanned epoch
+      of a single run, one after another. For wide students it is faster: on
+      XLA:CPU the batched weight gradients come out in a transposed layout that
+      every optimizer update must copy back (RESULTS.md, "Where a population
+      stage's time goes").
     """
+    if member_axis not in MEMBER_AXES:
+        raise ValueError(f"member_axis={member_axis!r}; choose one of {MEMBER_AXES}.")
 
     def member_epoch(state, hparams, member_data, shared_data, epoch):
         data = {**shared_data, **member_data}
         epoch_fn = train_epoch_fn(make_step(hparams), batch_size=batch_size, num_examples=num_examples)
         return epoch_fn(state, None, data, epoch)
 
-    return jax.jit(jax.vmap(member_epoch, in_axes=(0, 0, 0, None, None)), donate_argnums=(0,))
+    if member_axis == "vmap":
+        return jax.jit(jax.vmap(member_epoch, in_axes=(0, 0, 0, None, None)), donate_argnums=(0,))
+
+    def mapped(states, hparams, member_data, shared_data, epoch):
+        return jax.lax.map(lambda m: member_epoch(*m, shared_data, epoch), (states, hparams, member_data))
+
+    return jax.jit(mapped, donate_argnums=(0,))
 
 
 def population_map(fn: Callable, *, member_args: int = 1) -> Callable:
@@ -124,6 +147,7 @@ def population_map(fn: Callable, *, member_args: int = 1) -> Callable:
 
 
 __all__ = [
+    "MEMBER_AXES",
     "check_hparams",
     "init_population",
     "make_population_epoch",

@@ -88,6 +88,14 @@ def student_members(config, width: int | None = None) -> list[dict[str, Any]]:
     return members
 
 
+def member_axis_for(config, width: int) -> str:
+    """How one width's population shares its program (population.make_population_epoch): ``"vmap"`` or ``"map"``.
+
+    ``config.member_axis_by_width[str(width)]``, else ``"vmap"``.
+    """
+    return str((config.get("member_axis_by_width") or {}).get(str(width), "vmap"))
+
+
 def patient_config(config, dataset: str, seed: int, teacher_dir: str) -> ml_collections.ConfigDict:
     """The run config of one patient-and-consistent student (Beyer et al. 2022).
 
@@ -215,8 +223,11 @@ def train_population(
             f"the teachers predict {cached_logits.shape[-1]} classes but the students have {num_classes}."
         )
     tx = training.make_optimizer(student_config.optimizer, steps_per_epoch, num_epochs)
+    member_axis = member_axis_for(config, width)
     record = {"student": student_config.to_dict(), "width": int(width), "members": members,
               "num_epochs": int(num_epochs), "num_train": num_train}
+    if member_axis != "vmap":  # recorded only then, so populations trained before the option still resume
+        record["member_axis"] = member_axis
     record = json.loads(json.dumps(record, default=list))
 
     hparams = population.check_hparams(
@@ -226,7 +237,8 @@ def train_population(
     member_data = {"teacher_logits": cached_logits[teacher_index]}
     shared_data = {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels, jnp.int32)}
 
-    epoch_fn = population.make_population_epoch(member_step_factory(model, tx), batch_size=batch_size)
+    epoch_fn = population.make_population_epoch(member_step_factory(model, tx), batch_size=batch_size,
+                                                member_axis=member_axis)
     input_shape = (1,) + tuple(train.images.shape[1:])
     states = population.init_population(model, input_shape, tx, [m["seed"] for m in members])
     evaluate = population.population_map(
