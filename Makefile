@@ -51,7 +51,8 @@ reproduce: $(STAMP_BASE)
 
 # Hinton et al. section 3 in full (MNIST and Fashion-MNIST, 3 seeds, T x width,
 # transfer sets): RESULTS.md's numbers. Resumable: re-run after an interruption.
-# HINTON_PROFILE=mnist5: MNIST on 5 seeds, with the patient-teaching row (experiments/hinton_full.py).
+# HINTON_PROFILE=mnist5: MNIST on 5 seeds, with the patient-teaching row; fashion5: Fashion-MNIST on
+# 5 seeds with a CNN teacher (experiments/hinton_full.py).
 HINTON_PROFILE ?= full
 reproduce-full: $(STAMP_BASE)
 	$(PY) -m distill_jax reproduce-full --config experiments/hinton_full.py:$(HINTON_PROFILE) $(ARGS)
