@@ -76,6 +76,17 @@ def test_an_unknown_member_axis_is_refused():
         population.make_population_epoch(_make_step(_model(), optax.adam(1e-2)), batch_size=40, member_axis="pmap")
 
 
+def test_the_study_refuses_an_unknown_member_axis_before_training(tmp_path):
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"name": "x", "profile": "x", "seeds": (0,), "widths": (30,),
+                                        "datasets": ("mnist",), "member_axis_by_width": {"30": "pmap"}})
+    with pytest.raises(ValueError, match=r"member_axis_by_width\['30'\]='pmap'"):
+        hinton.run_study(config, runs_root=tmp_path / "runs", results_dir=tmp_path / "results", progress=False)
+    assert not (tmp_path / "runs").exists()
+    assert hinton.member_axis_for(ml_collections.ConfigDict({"widths": (800,)}), 800) == "vmap"
+
+
 def _largest_leaf(tree):
     return max(jax.tree_util.tree_leaves(tree), key=lambda leaf: leaf.size)
 

@@ -93,7 +93,10 @@ def member_axis_for(config, width: int) -> str:
 
     ``config.member_axis_by_width[str(width)]``, else ``"vmap"``.
     """
-    return str((config.get("member_axis_by_width") or {}).get(str(width), "vmap"))
+    axis = str((config.get("member_axis_by_width") or {}).get(str(width), "vmap"))
+    if axis not in population.MEMBER_AXES:
+        raise ValueError(f"config.member_axis_by_width[{str(width)!r}]={axis!r}; choose one of {population.MEMBER_AXES}.")
+    return axis
 
 
 def patient_config(config, dataset: str, seed: int, teacher_dir: str) -> ml_collections.ConfigDict:
@@ -448,6 +451,8 @@ def dark_knowledge_examples(config, teacher_dir: str, test: data_lib.Dataset, pe
 def run_study(config, *, runs_root: Path, results_dir: Path, progress: bool = True) -> dict[str, Any]:
     """The whole study: every dataset, then the JSON, the markdown tables and the plots."""
     started = time.perf_counter()
+    for width in config.widths:  # a bad member axis fails now, not after the teachers have trained
+        member_axis_for(config, width)
     study_dir = Path(runs_root) / config.name
     summary = {"study": config.name, "profile": config.profile, "seeds": list(config.seeds), "datasets": {},
                "paper": PAPER, "config": json.loads(config.to_json_best_effort())}
