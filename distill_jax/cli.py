@@ -11,8 +11,9 @@ Commands:
   reproduce-crosstok   cross-tokenizer distillation on the reasoning task (experiments/crosstok_reasoning.py)
   distill-lm     distil a Hugging Face teacher into a student on a JSONL file, written
                  back as a Hugging Face directory (--teacher --student --data --out; distill_jax.lm)
-  generate       a Hugging Face model's completions of a JSONL file's prompts, as JSONL
-                 (--teacher --data --out), for sequence-level distillation
+  generate       a model's completions of a JSONL file's prompts, as JSONL (--teacher --data
+                 --out), for sequence-level distillation; or of one --prompt, printed
+                 (--teacher=smollm2-135m-instruct --prompt "...")
 
 Every config value can be overridden, e.g.
 ``--config.num_epochs=3 --config.model.hidden='(300,300)'``.
@@ -57,12 +58,17 @@ def _flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "multi-host: this process's id.", flag_values=fv)
     # distill-lm and generate (distill_jax.lm)
-    flags.DEFINE_string("teacher", "", "distill-lm, generate: a Hugging Face model directory.", flag_values=fv)
-    flags.DEFINE_string("student", "", "distill-lm: a Hugging Face directory or a config.json.", flag_values=fv)
+    flags.DEFINE_string("teacher", "", "distill-lm, generate: a Hugging Face model directory, a GGUF file, or a short "
+                        "name (smollm2-135m-instruct).", flag_values=fv)
+    flags.DEFINE_string("student", "", "distill-lm: a Hugging Face directory, a GGUF file or a config.json.",
+                        flag_values=fv)
+    flags.DEFINE_string("prompt", "", "generate: one prompt; its completion is printed (no --data/--out).",
+                        flag_values=fv)
     flags.DEFINE_string("data", "", "distill-lm: training JSONL; generate: the prompts' JSONL.", flag_values=fv)
     flags.DEFINE_string("val_data", "", "distill-lm: validation JSONL.", flag_values=fv)
     flags.DEFINE_string("test_data", "", "distill-lm: test JSONL.", flag_values=fv)
-    flags.DEFINE_string("out", "", "distill-lm: the student's Hugging Face directory; generate: the JSONL written.",
+    flags.DEFINE_string("out", "", "distill-lm: the student's Hugging Face directory, or a .gguf file; generate: the "
+                        "JSONL written.",
                         flag_values=fv)
     flags.DEFINE_string("objective", "forward_kl", "distill-lm: forward_kl|hinton_kd|gkd|top_k|sft, or with a "
                         "student tokenizer other than the teacher's aligned_kd|uld|sft.", flag_values=fv)
@@ -153,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from distill_jax.models import gguf
     from distill_jax.training import checkpoint, rundir
 
-    return (FileNotFoundError, FileExistsError, FloatingPointError, checkpoint.CheckpointMismatchError,
+    return (FileNotFoundError, FileExistsError, FloatingPointError, gguf.GGUFError, checkpoint.CheckpointMismatchError,
             checkpoint.CheckpointCorruptError, rundir.WorkdirError, rundir.WorkdirBusyError)
 
 
@@ -245,9 +252,17 @@ def _distill_lm(fv) -> int:
 def _generate(fv) -> int:
     from distill_jax import lm
 
+    if fv.prompt:  # one prompt: greedy unless --temperature is given, the chat template when the model has one
+        if not fv.teacher:
+            print("generate: --teacher required (a model directory, GGUF file or smollm2-135m-instruct).", file=sys.stderr)
+            return 2
+        temperature = fv.temperature if fv["temperature"].present else 0.0
+        print(lm.generate_text(fv.teacher, fv.prompt, max_new_tokens=fv.max_new_tokens, temperature=temperature,
+                               top_p=fv.top_p, top_k=fv.top_k, seed=fv.seed, chat=fv.chat))
+        return 0
     missing = [name for name in ("teacher", "data", "out") if not getattr(fv, name)]
     if missing:
-        print(f"generate: --{', --'.join(missing)} required.", file=sys.stderr)
+        print(f"generate: --{', --'.join(missing)} required (or --teacher and --prompt).", file=sys.stderr)
         return 2
     count = lm.generate_jsonl(fv.teacher, fv.data, fv.out, max_new_tokens=fv.max_new_tokens,
                               temperature=fv.temperature, top_p=fv.top_p, top_k=fv.top_k, seed=fv.seed,

@@ -50,7 +50,7 @@ import numpy as np
 
 from distill_jax import generation
 from distill_jax.data import alignment, text
-from distill_jax.models import hf
+from distill_jax.models import hf, pretrained
 from distill_jax.models import transformer as tf
 
 OBJECTIVES = ("forward_kl", "hinton_kd", "gkd", "top_k", "sft", "aligned_kd", "uld")
@@ -125,13 +125,13 @@ def jsonl_splits(split_seed: int, *, tokenizer: str, train: str, val: str = "", 
 
 def _student_model(student: str | Path) -> tuple[dict, str, dict]:
     """``(config.model, init_from, the Hugging Face config to carry over)`` of ``--student``."""
-    student = Path(student)
-    if hf.is_hf_dir(student):
-        base = hf.read_config(student)
-        return hf.model_config(hf.config_from_hf(base)), str(student), base
+    student = pretrained.resolve(student)
+    if pretrained.is_pretrained(student):  # a Hugging Face directory or a GGUF file: its weights are the start
+        return hf.model_config(pretrained.read_config(student)), str(student), pretrained.hf_base_config(student)
     config_file = student / hf.CONFIG if student.is_dir() else student
     if not config_file.is_file():
-        raise FileNotFoundError(f"--student={student}: neither a Hugging Face directory nor a config.json file.")
+        raise FileNotFoundError(f"--student={student}: neither a Hugging Face directory, a GGUF file nor a config.json "
+                                "file.")
     values = json.loads(config_file.read_text())
     if "model_type" in values:  # a Hugging Face config without weights: trained from scratch
         return hf.model_config(hf.config_from_hf(values)), "", values
@@ -140,9 +140,7 @@ def _student_model(student: str | Path) -> tuple[dict, str, dict]:
 
 
 def _tokenizer_fingerprint(path: Path) -> str | None:
-    path = Path(path)
-    exists = path.is_file() or (path / text.TOKENIZER_FILE).exists()
-    return text.load_tokenizer(path).fingerprint if exists else None
+    return pretrained.load_tokenizer(path).fingerprint if pretrained.has_tokenizer(path) else None
 
 
 def _student_tokenizer(student: str, student_tokenizer: str, teacher: str) -> Path:
@@ -153,10 +151,10 @@ def _student_tokenizer(student: str, student_tokenizer: str, teacher: str) -> Pa
             raise FileNotFoundError(f"--student_tokenizer={path}: neither a {text.TOKENIZER_FILE} file nor a directory "
                                     "holding one.")
         return path
-    if Path(student).is_dir() and (Path(student) / text.TOKENIZER_FILE).exists():
-        return Path(student)
-    if teacher and (Path(teacher) / text.TOKENIZER_FILE).exists():
-        return Path(teacher)
+    if pretrained.has_tokenizer(student) and not Path(student).suffix == ".json":
+        return pretrained.resolve(student)
+    if teacher and pretrained.has_tokenizer(teacher):
+        return pretrained.resolve(teacher)
     raise FileNotFoundError(f"no tokenizer for the student: {student} has no {text.TOKENIZER_FILE}"
                             + (f", nor has {teacher}" if teacher else "") + "; pass --student_tokenizer.")
 
@@ -170,9 +168,12 @@ def configure(config: ml_collections.ConfigDict, *, teacher: str, student: str, 
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
     if not teacher and objective != "sft":
-        raise ValueError(f"--objective={objective} needs --teacher=<Hugging Face directory>.")
-    if teacher and not hf.is_hf_dir(teacher):
-        raise FileNotFoundError(f"--teacher={teacher} is not a Hugging Face model directory (config.json + safetensors).")
+        raise ValueError(f"--objective={objective} needs --teacher=<Hugging Face directory or GGUF file>.")
+    if teacher:
+        teacher = str(pretrained.resolve(teacher))
+        if not pretrained.is_pretrained(teacher):
+            raise FileNotFoundError(f"--teacher={teacher} is neither a Hugging Face model directory (config.json + "
+                                    f"safetensors) nor a GGUF file; short names: {', '.join(pretrained.SHORT_NAMES)}.")
     model, init_from, base = _student_model(student)
     tokenizer_dir = _student_tokenizer(student, student_tokenizer, teacher)
     cross = bool(teacher) and _tokenizer_fingerprint(tokenizer_dir) != _tokenizer_fingerprint(Path(teacher))
@@ -184,7 +185,7 @@ def configure(config: ml_collections.ConfigDict, *, teacher: str, student: str, 
             "samples (sequence-level KD)."
         )
     if teacher and not cross:
-        teacher_vocab = hf.config_from_hf(hf.read_config(teacher)).vocab_size
+        teacher_vocab = pretrained.read_config(teacher).vocab_size
         if teacher_vocab != model["vocab_size"]:
             raise ValueError(f"the teacher predicts {teacher_vocab} tokens, the student {model['vocab_size']}: "
                              "token-level distillation needs one vocabulary.")
@@ -229,7 +230,7 @@ def ensure_cache(config: ml_collections.ConfigDict, teacher: str, *, progress: b
     train = load_datasets(config.to_dict())["train"]
     apply_fn, params, _ = load_teacher(teacher)
     temperature = float(config.objective.kd.temperature)
-    fingerprint = teacher_cache.fingerprint_files([Path(teacher) / hf.CONFIG, *sorted(Path(teacher).glob("*.safetensors"))])
+    fingerprint = teacher_cache.fingerprint_files(pretrained.model_files(teacher))
     teacher_cache.write(config.teacher.cache_dir, lambda x, v: apply_fn(params, x, v), train["inputs"], train["valid"],
                         k=int(config.teacher.top_k), temperature=temperature, vocab_size=int(config.model.vocab_size),
                         teacher=fingerprint, tokenizer=text.load_tokenizer(config.task.tokenizer).fingerprint,
@@ -238,10 +239,23 @@ def ensure_cache(config: ml_collections.ConfigDict, teacher: str, *, progress: b
 
 def export(out: str | Path, model: Mapping[str, Any], variables, *, base: Mapping[str, Any], tokenizer_dir: str | Path,
            dtype: str = "float32") -> Path:
-    """Writes the trained student as a Hugging Face directory, with the tokenizer files it was trained with."""
+    """Writes the trained student as a Hugging Face directory, or a GGUF file when ``out`` ends in ``.gguf``.
+
+    Either way with the tokenizer it was trained with (a GGUF file carries it
+    in its metadata; a directory gets the tokenizer files, or, for a
+    tokenizer read from a GGUF file, its ``tokenizer.json`` and config).
+    """
     config = tf.TransformerConfig.from_mapping({k: v for k, v in dict(model).items() if k != "name"})
     params = variables["params"] if "params" in variables else variables
+    if str(out).endswith(".gguf"):
+        from distill_jax.models import gguf
+
+        return gguf.save(out, config, params, pretrained.load_tokenizer(tokenizer_dir), dtype=dtype,
+                         name="distill-jax student")
     out = hf.save(out, config, params, dtype=dtype, hf_config=base)
+    if pretrained.kind(tokenizer_dir) == "gguf":
+        pretrained.load_tokenizer(tokenizer_dir).save(out)
+        return out
     if Path(tokenizer_dir).is_file():  # a lone tokenizer.json
         shutil.copyfile(tokenizer_dir, out / text.TOKENIZER_FILE)
         return out
@@ -274,6 +288,34 @@ def _read_prompts(path: str | Path) -> list:
     return prompts
 
 
+def _prompt_ids(tok, prompt_text: str, *, chat: bool) -> list[int]:
+    """BOS (when the tokenizer uses one and a chat template has not written it already), then the prompt's ids."""
+    ids = tok.encode(prompt_text)
+    head = [] if chat and ids[:1] == tok.bos_prefix else tok.bos_prefix
+    return head + ids
+
+
+def generate_text(teacher: str | Path, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool | None = None) -> str:
+    """One completion of ``prompt`` by ``teacher`` (a directory, GGUF file or short name), as text.
+
+    ``chat=None`` applies the tokenizer's chat template when it has one (an
+    instruct model answers a user message); ``temperature=0`` is greedy.
+    """
+    tok = pretrained.load_tokenizer(teacher)
+    config, params = pretrained.load(teacher)
+    chat = tok.chat_template is not None if chat is None else bool(chat)
+    prompt_text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) \
+        if chat else prompt
+    ids = _prompt_ids(tok, prompt_text, chat=chat)
+    sampling = generation.SamplingConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                         top_p=float(top_p), top_k=int(top_k), eos_id=tok.eos_id,
+                                         pad_id=tok.pad_id if tok.pad_id is not None else 0)
+    result = generation.generate(config, params, np.asarray([ids], np.int32), jax.random.key(seed), sampling)
+    tokens = np.asarray(result.tokens)[0, : int(result.lengths[0])].tolist()
+    return tok.decode([t for t in tokens if t != tok.eos_id], skip_special_tokens=True)
+
+
 def generate_jsonl(teacher: str | Path, prompts: str | Path, out: str | Path, *, max_new_tokens: int = 128,
                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 16,
                    chat: bool = False, samples: int = 1) -> int:
@@ -282,8 +324,8 @@ def generate_jsonl(teacher: str | Path, prompts: str | Path, out: str | Path, *,
     Returns the number of rows written. Prompts are left-padded into
     batches; a completion ends at the tokenizer's end token.
     """
-    tok = text.load_tokenizer(teacher)
-    config, params = hf.load(teacher)
+    tok = pretrained.load_tokenizer(teacher)
+    config, params = pretrained.load(teacher)
     rows = _read_prompts(prompts)
     eos = tok.eos_id
     sampling = generation.SamplingConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
@@ -294,7 +336,7 @@ def generate_jsonl(teacher: str | Path, prompts: str | Path, out: str | Path, *,
         if isinstance(prompt, str) and chat:
             prompt = [{"role": "user", "content": prompt}]
         prompt_text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True)
-        ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt_text)
+        ids = _prompt_ids(tok, prompt_text, chat=not isinstance(prompt, str))
         encoded.append((prompt_text, ids))
     key = jax.random.key(seed)
     written = 0

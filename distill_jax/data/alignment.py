@@ -322,8 +322,7 @@ def encode_aligned_examples(
         for tok, prompt, ids, width in ((student, s_prompts[r], s_ids, max_len),
                                         (teacher, t_prompts[r], t_ids, teacher_max_len)):
             prompt_ids = tok.encode(prompt)
-            head = [] if chat and tok.bos_id is not None and prompt_ids[:1] == [tok.bos_id] else \
-                ([tok.bos_id] if tok.bos_id is not None else [])
+            head = [] if chat and tok.bos_id is not None and prompt_ids[:1] == [tok.bos_id] else tok.bos_prefix
             sequence = head + prompt_ids + ids + [tok.eos_id]
             start = len(head) + len(prompt_ids)
             if start < 1:

@@ -153,6 +153,14 @@ class Tokenizer:
     unk_id: int | None
     special_ids: frozenset[int] = dataclasses.field(repr=False)
     chat_template: str | None = dataclasses.field(repr=False)
+    # Whether a sequence starts with bos_id. False where the model was trained without one: SmolLM2's GGUF
+    # says tokenizer.ggml.add_bos_token=false (its BOS is <|im_start|>, which the chat template writes itself).
+    add_bos_token: bool = dataclasses.field(default=True, repr=False)
+
+    @property
+    def bos_prefix(self) -> list[int]:
+        """``[bos_id]`` when sequences start with BOS (there is one, and ``add_bos_token``), else ``[]``."""
+        return [self.bos_id] if self.bos_id is not None and self.add_bos_token else []
 
     def _repr_pretty_(self, printer, cycle) -> None:
         # Pretty-printers (IPython, hypothesis) would otherwise list every field, the whole vocabulary included.
@@ -169,10 +177,12 @@ class Tokenizer:
         unk_token: str | None = None,
         chat_template: str | None = None,
         source: str = "<in memory>",
+        add_bos_token: bool = True,
     ) -> Tokenizer:
         """Wrap a ``tokenizers.Tokenizer`` built in memory (its fingerprint: the sha256 of ``backend.to_str()``)."""
         tokens = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": unk_token}
-        return _build(backend, backend.to_str(), source, tokens, {role: "the arguments" for role in ROLES}, chat_template)
+        return _build(backend, backend.to_str(), source, tokens, {role: "the arguments" for role in ROLES}, chat_template,
+                      add_bos_token=add_bos_token)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """The ids of ``text``; ``add_special_tokens`` runs the tokenizer.json post-processor (e.g. Llama's BOS)."""
@@ -242,6 +252,8 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         (out / TOKENIZER_FILE).write_bytes(self.tokenizer_json.encode("utf-8"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **{role: getattr(self, role) for role in ROLES}}
+        if not self.add_bos_token:
+            config["add_bos_token"] = False
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         template = out / CHAT_TEMPLATE_FILE
         if self.chat_template is not None:
@@ -259,6 +271,8 @@ def load_tokenizer(
 ) -> Tokenizer:
     """Load a Hugging Face tokenizer directory, or a lone ``tokenizer.json`` file, with the ``tokenizers`` library.
 
+    A ``.gguf`` model file gives the tokenizer in its metadata
+    (:func:`distill_jax.data.gguf_tokenizer.tokenizer_from_gguf`).
     A directory must hold ``tokenizer.json``; ``tokenizer_config.json``
     (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``: strings, or
     dicts with ``"content"``; ``chat_template``), ``special_tokens_map.json``
@@ -285,6 +299,12 @@ def load_tokenizer(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such tokenizer directory or {TOKENIZER_FILE} file.")
+    if path.is_file() and path.suffix == ".gguf":  # a GGUF model file: the tokenizer in its metadata
+        from distill_jax.data import gguf_tokenizer
+
+        if special_tokens is not None or chat_template is not None:
+            raise ValueError(f"{path}: a GGUF file's tokenizer takes no special_tokens/chat_template overrides.")
+        return gguf_tokenizer.tokenizer_from_gguf(path)
     if path.is_file():
         if path.suffix == ".tiktoken":
             raise ValueError(
@@ -324,7 +344,8 @@ def load_tokenizer(
             raise ValueError(f"special_tokens keys must be among {list(ROLES)}, got {unknown}.")
     if chat_template is not None:
         template = chat_template
-    return _build(backend, text, str(path), tokens, origin, template)
+    add_bos = config.get("add_bos_token", True)
+    return _build(backend, text, str(path), tokens, origin, template, add_bos_token=add_bos if isinstance(add_bos, bool) else True)
 
 
 def tokenizer_from_tiktoken(
@@ -418,6 +439,8 @@ def _build(
     tokens: Mapping[str, str | None],
     origin: Mapping[str, str],
     chat_template: str | None,
+    *,
+    add_bos_token: bool = True,
 ) -> Tokenizer:
     ids = {}
     for role in ROLES:
@@ -451,6 +474,7 @@ def _build(
         unk_id=ids["unk_token"],
         special_ids=frozenset(special),
         chat_template=chat_template,
+        add_bos_token=bool(add_bos_token),
     )
 
 
@@ -749,8 +773,8 @@ def encode_examples_with_report(
     Example ``i`` is ``[bos] + prompt + completion + [eos]``. The prompt and
     the completion are encoded separately, so the completion's tokens are
     exactly ``tokenizer.encode(completion)``, what the model emits after the
-    prompt. ``add_bos`` prepends ``bos_id`` when the tokenizer has one (Qwen
-    has none); ``add_eos`` appends ``eos_id`` (an error when it has none).
+    prompt. ``add_bos`` prepends ``bos_id`` when the tokenizer has one and
+    uses it (:attr:`Tokenizer.bos_prefix`; Qwen has none); ``add_eos`` appends ``eos_id`` (an error when it has none).
 
     With ``chat=True`` the rows are ``{"messages": [...]}``: the prompt is
     the chat template applied to all but the last message, with the
@@ -788,7 +812,7 @@ def encode_examples_with_report(
             "(load_tokenizer(path, special_tokens={'eos_token': ...})) or pass add_eos=False."
         )
     prompts, completions = _texts(tokenizer, rows, chat)
-    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    bos = tokenizer.bos_prefix if add_bos else []
     eos = [tokenizer.eos_id] if add_eos else []
     prompt_ids, completion_ids = tokenizer.encode_batch(prompts), tokenizer.encode_batch(completions)
 

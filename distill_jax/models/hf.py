@@ -53,7 +53,7 @@ from distill_jax.models import transformer as tf
 PyTree = Any
 
 __all__ = ["FAMILIES", "read_config", "config_from_hf", "config_to_hf", "tensor_map", "load", "save",
-           "read_safetensors", "write_safetensors"]
+           "read_safetensors", "write_safetensors", "place_tensors", "check_tensor_names"]
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 CONFIG = "config.json"
@@ -352,23 +352,62 @@ def load(
     path = Path(path)
     config = config_from_hf(read_config(path), dtype=dtype)
     tensors = _checkpoint_tensors(path)
-    names = tensor_map(config)
-    extra = sorted(set(tensors) - set(names), key=_natural)
-    if config.tie_embeddings and "lm_head.weight" in extra:
+    if config.tie_embeddings and "lm_head.weight" in tensors:
         # Some tied checkpoints store the head anyway; it must be the embedding.
         if not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])):
             raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from the embedding.")
-        extra.remove("lm_head.weight")
-    extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]  # a buffer older exports include
-    missing = sorted(set(names) - set(tensors), key=_natural)
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    # A buffer older exports include.
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    return config, place_tensors(tensors, config, dtype=dtype, mesh=mesh, rules=rules,
+                                 source=f"{path}", described_by="its config.json")
+
+
+def check_tensor_names(names, config: tf.TransformerConfig, *, source: str, described_by: str,
+                       rename=lambda name: name) -> None:
+    """Raises one ``ValueError`` listing the tensors ``config`` needs but ``names`` lacks, and those it does not expect.
+
+    ``rename`` spells a Hugging Face name as the file does (the GGUF loader's names).
+    """
+    expected = {rename(n) for n in tensor_map(config)}
+    names = set(names)
+    missing = sorted(expected - names, key=_natural)
+    extra = sorted(names - expected, key=_natural)
     if missing or extra:
         raise ValueError(
-            f"{path}: the tensors do not match its config.json (a {family_of(config)} model of depth "
-            f"{config.depth}, tie_word_embeddings={config.tie_embeddings}): "
+            f"{source}: the tensors do not match {described_by} (a {family_of(config)} model of depth "
+            f"{config.depth}, tied embeddings={config.tie_embeddings}): "
             + "; ".join(part for part in (f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}" if missing else "",
                                           f"not expected {extra[:8]}{' ...' if len(extra) > 8 else ''}" if extra else "") if part)
         )
+
+
+def place_tensors(
+    tensors: Mapping[str, Any],
+    config: tf.TransformerConfig,
+    *,
+    dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    rules: str | list | None = None,
+    source: str = "checkpoint",
+    described_by: str = "its config",
+) -> PyTree:
+    """Params of ``config`` from Hugging Face-named tensors (numpy-like: ``.shape``, ``.ndim``, slicing).
+
+    The one placement path of :func:`load` and :func:`distill_jax.models.gguf.load`: names and
+    shapes are checked against ``config`` before anything is copied; with ``mesh``, each device's
+    shard is sliced from the source (a memory map, or a tensor dequantized on first access), so no
+    full copy per device is made. A source with a ``release()`` method is released once placed.
+    """
+    check_tensor_names(tensors, config, source=source, described_by=described_by)
+    names = tensor_map(config)
     expected = jax.eval_shape(lambda: tf.init_params(config, jax.random.key(0)))
+    for name, (ours, transposed) in names.items():
+        shape = tuple(_get(expected, ours).shape)
+        file_shape = tuple(reversed(shape)) if transposed else shape
+        if tuple(tensors[name].shape) != file_shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the config needs "
+                             f"{file_shape}.")
     target = np.dtype(jnp.dtype(dtype))
     shardings = None
     if mesh is not None:
@@ -380,15 +419,12 @@ def load(
         shardings = sharding_lib.param_shardings(expected, rules, mesh)
     params: dict = {}
     for name, (ours, transposed) in names.items():
-        source = tensors[name]
+        source_tensor = tensors[name]
         shape = tuple(_get(expected, ours).shape)
-        file_shape = tuple(reversed(shape)) if transposed else shape
-        if tuple(source.shape) != file_shape:
-            raise ValueError(f"{path}: tensor {name} has shape {tuple(source.shape)}, the config needs {file_shape}.")
 
-        def read(index=None, source=source, transposed=transposed):
-            index = tuple(index) if index is not None else (slice(None),) * source.ndim
-            block = source[tuple(reversed(index))].T if transposed else source[index]
+        def read(index=None, source_tensor=source_tensor, transposed=transposed):
+            index = tuple(index) if index is not None else (slice(None),) * source_tensor.ndim
+            block = source_tensor[tuple(reversed(index))].T if transposed else source_tensor[index]
             return np.ascontiguousarray(block, dtype=target)
 
         if shardings is None:
@@ -396,7 +432,9 @@ def load(
         else:
             value = jax.make_array_from_callback(shape, _get(shardings, ours), read)
         _set(params, ours, value)
-    return config, params
+        if hasattr(source_tensor, "release"):
+            source_tensor.release()
+    return params
 
 
 def save(

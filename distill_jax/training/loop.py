@@ -48,7 +48,7 @@ from distill_jax.data import alignment, teacher_cache
 from distill_jax.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 from distill_jax import losses, models, objectives
 from distill_jax import sharding as sharding_lib
-from distill_jax.models import hf, transformer
+from distill_jax.models import hf, pretrained, transformer
 from distill_jax.training import checkpoint as ckpt
 from distill_jax.training import rundir
 from distill_jax.training.steps import (
@@ -168,8 +168,8 @@ def load_teacher(path: str | Path, student_num_classes: int | None = None, *, me
     ``partition`` on it (whatever layout they were saved from); without, onto
     this process's first device.
     """
-    if hf.is_hf_dir(path):  # a Hugging Face Llama / Qwen2 / Qwen3 directory
-        return _load_hf(path, student_num_classes, mesh=mesh, partition=partition)
+    if pretrained.is_pretrained(path):  # a Hugging Face directory, a GGUF file, or a short name of one
+        return _load_pretrained(pretrained.resolve(path), student_num_classes, mesh=mesh, partition=partition)
     directory = teacher_checkpoint_dir(path)
     meta = ckpt.read_meta(directory)
     model_config = dict(meta["config"]["model"])
@@ -188,12 +188,12 @@ def load_teacher(path: str | Path, student_num_classes: int | None = None, *, me
     return model.apply, params, model_config
 
 
-def _load_hf(path, student_num_classes: int | None, *, mesh=None, partition="replicated"):
-    """A Hugging Face directory as a teacher: ``(apply_fn, variables, model_config)`` like a checkpoint's."""
-    config = hf.config_from_hf(hf.read_config(path))
+def _load_pretrained(path, student_num_classes: int | None, *, mesh=None, partition="replicated"):
+    """A Hugging Face directory or GGUF file as a teacher: ``(apply_fn, variables, model_config)`` like a checkpoint's."""
+    config = pretrained.read_config(path)
     if student_num_classes is not None and config.vocab_size != student_num_classes:
         raise ValueError(
-            f"the Hugging Face model at {path} predicts {config.vocab_size} tokens but the student has "
+            f"the pretrained model at {path} predicts {config.vocab_size} tokens but the student has "
             f"{student_num_classes}; set config.model.vocab_size={config.vocab_size} or use a matching teacher."
         )
     rules = None
@@ -201,7 +201,7 @@ def _load_hf(path, student_num_classes: int | None, *, mesh=None, partition="rep
         setting = partition or "replicated"
         rules = transformer.partition_rules(config, setting.strip()) if isinstance(setting, str) and \
             setting.strip() in transformer.LOGICAL_AXIS_RULES else sharding_lib.parse_rules(setting)
-    config, params = hf.load(path, mesh=mesh, rules=rules)
+    config, params = pretrained.load(path, mesh=mesh, rules=rules)
     return models.Transformer(config).apply, {"params": params}, hf.model_config(config)
 
 
