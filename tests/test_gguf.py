@@ -36,9 +36,9 @@ TOLERANCE = 2e-4  # float32 logits of this model reach about +-40
 # paths differ by 8.2e-5 on it, and its padded and unpadded runs by 4.3e-5; against a float64 transformers run the
 # 232-token prompt's error is 1.5e-4 here and 0.9e-4 for transformers' float32.
 NOISE_TOLERANCE = 2.5e-4
-# bfloat16 parameters and compute against the float32 reference: measured max |delta| 1.3-1.9 on the prompts
-# below (logits +-30); the greedy token agrees at >= 90% of positions.
-BF16_TOLERANCE = 3.0
+# bfloat16 parameters and compute against the float32 reference, on the 232-token chat prompt: measured max
+# |delta| 0.949 (logits up to 40), greedy token agreement 0.987.
+BF16_TOLERANCE = 1.5
 
 CONVERSATION = [
     {"role": "system", "content": "You are a careful assistant who explains Python to new programmers. Answer in "
@@ -160,7 +160,7 @@ def test_bfloat16_forward_stays_within_its_stated_tolerance(real):
     delta = float(np.abs(ours - reference).max())
     agree = float((ours.argmax(-1) == reference.argmax(-1)).mean())
     print(f"bfloat16 max |delta logits| {delta:.3g}, greedy agreement {agree:.3f}")
-    assert delta <= BF16_TOLERANCE and agree >= 0.9
+    assert delta <= BF16_TOLERANCE and agree >= 0.95
 
 
 @given(heads=st.integers(1, 6), half=st.integers(1, 4), cols=st.integers(1, 3))
